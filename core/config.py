@@ -1,0 +1,72 @@
+"""Settings from the environment, read once per process (pydantic-settings).
+
+Every setting is an environment variable of the same name in upper case; the README lists
+them all. Bucket settings use RunPod's own names so an endpoint's existing S3 configuration
+works unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # Weights: looked up in this order; downloads only where allowed.
+    weights_dir: Path = Field(default=REPO_ROOT / "weights")
+    volume_weights_dir: Path = Field(default=Path("/runpod-volume/weights"))
+    allow_model_downloads: bool = True
+    preload_models: str = ""
+    """Comma-separated `task` or `task=model` entries loaded before the worker takes jobs."""
+    max_loaded_models: int = Field(default=6, ge=1)
+    device: str = "auto"
+    """`auto` picks cuda:0 when available, else cpu; or name one (`cpu`, `cuda:1`)."""
+    half_precision: bool = True
+    """fp16 inference on CUDA (ignored on CPU)."""
+
+    # Input limits.
+    max_input_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(default=64_000_000, ge=1)
+    max_batch_images: int = Field(default=16, ge=1)
+    allow_private_urls: bool = False
+    fetch_timeout_s: float = Field(default=30.0, gt=0)
+    fetch_retries: int = Field(default=3, ge=0, le=10)
+
+    # Outputs.
+    output_dir: Path | None = None
+    inline_max_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
+    """Budget for base64 artifacts inside one result (RunPod drops results over 20 MB)."""
+    bucket_endpoint_url: str | None = None
+    bucket_access_key_id: str | None = None
+    bucket_secret_access_key: str | None = None
+    bucket_name: str | None = None
+    bucket_region: str | None = None
+    bucket_key_prefix: str = ""
+    presign_expires_s: int = Field(default=7 * 24 * 3600, ge=60, le=7 * 24 * 3600)
+    s3_timeout_s: float = Field(default=60.0, gt=0)
+    s3_retries: int = Field(default=4, ge=0, le=10)
+
+    # Local runs: the SDK's log cuts results at 4 KB; this writes the whole result as JSON.
+    result_path: Path | None = None
+    progress_min_interval_s: float = Field(default=1.0, ge=0)
+
+    @property
+    def bucket_configured(self) -> bool:
+        return bool(self.bucket_name and self.bucket_access_key_id)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    settings = Settings()
+    if not settings.allow_model_downloads:
+        # Ultralytics checks connectivity at import unless told it is offline.
+        os.environ.setdefault("YOLO_OFFLINE", "1")
+    return settings

@@ -1,0 +1,182 @@
+"""Model registry: weight resolution, loading once, one lock per model, preload at start.
+
+Weights are looked up in order: WEIGHTS_DIR, the RunPod network volume, then the framework's
+own download where ALLOW_MODEL_DOWNLOADS allows it. A model that cannot be found is
+`model_unavailable`, naming every place that was tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from core.config import Settings, get_settings
+from core.errors import InvalidInput, ModelUnavailable
+
+log = logging.getLogger("worker.models")
+
+
+def resolve_device(setting: str) -> str:
+    import torch
+
+    if setting != "auto":
+        return setting
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class LoadedModel:
+    kind: str
+    name: str
+    path: Path
+    model: Any
+    load_ms: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pinned: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "path": str(self.path),
+            "load_ms": round(self.load_ms, 1),
+            "preloaded": self.pinned,
+        }
+
+
+def check_model_name(name: str) -> PurePosixPath:
+    """A model name is a file name, or a relative path inside the weights directories."""
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or ".." in path.parts or "\\" in name:
+        raise InvalidInput(
+            f"model {name!r} must be a file name (or a relative path) inside WEIGHTS_DIR"
+        )
+    return path
+
+
+Downloader = Callable[[Path], None]
+Loader = Callable[[Path], Any]
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._models: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[tuple[str, str], threading.Lock] = {}
+
+    def search_dirs(self) -> list[Path]:
+        return [Path(self.settings.weights_dir), Path(self.settings.volume_weights_dir)]
+
+    def resolve(self, name: str, download: Downloader | None = None) -> Path:
+        relative = check_model_name(name)
+        tried = []
+        for base in self.search_dirs():
+            candidate = base / relative
+            tried.append(str(candidate))
+            if candidate.exists():
+                return candidate
+        if download is None:
+            reason = "this model has no download source"
+        elif not self.settings.allow_model_downloads:
+            reason = "downloads are off (ALLOW_MODEL_DOWNLOADS=false)"
+        else:
+            target = self._download_dir() / relative
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                download(target)
+                if target.exists():
+                    return target
+                reason = "the download produced no file"
+            except Exception as exc:  # any download failure is reported the same way
+                reason = f"download failed ({type(exc).__name__}: {exc})"
+        raise ModelUnavailable(
+            f"model {name!r} not found; looked in {', '.join(tried)}; {reason}. Put the file "
+            "in WEIGHTS_DIR (or the network volume's weights folder), or allow downloads",
+            looked_in=tried,
+        )
+
+    def _download_dir(self) -> Path:
+        weights_dir = Path(self.settings.weights_dir)
+        try:
+            weights_dir.mkdir(parents=True, exist_ok=True)
+            if os.access(weights_dir, os.W_OK):
+                return weights_dir
+        except OSError:
+            pass
+        return Path.home() / ".cache" / "worker-weights"
+
+    def get(
+        self,
+        kind: str,
+        name: str,
+        loader: Loader,
+        download: Downloader | None = None,
+        pin: bool = False,
+    ) -> LoadedModel:
+        key = (kind, name)
+        with self._lock:
+            loaded = self._models.get(key)
+            if loaded is not None:
+                self._models.move_to_end(key)
+                loaded.pinned |= pin
+                return loaded
+            loading_lock = self._loading.setdefault(key, threading.Lock())
+        with loading_lock:  # two jobs asking for one model load it once
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
+            path = self.resolve(name, download)
+            started = time.perf_counter()
+            try:
+                model = loader(path)
+            except (InvalidInput, ModelUnavailable):
+                raise
+            except Exception as exc:
+                log.exception("loading %s from %s failed", name, path)
+                raise ModelUnavailable(
+                    f"model {name!r} at {path} could not be loaded as a {kind} model "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
+            loaded = LoadedModel(
+                kind=kind,
+                name=name,
+                path=path,
+                model=model,
+                load_ms=(time.perf_counter() - started) * 1000,
+                pinned=pin,
+            )
+            log.info("loaded %s model %s from %s in %.0f ms", kind, name, path, loaded.load_ms)
+            with self._lock:
+                self._models[key] = loaded
+                self._evict()
+            return loaded
+
+    def _evict(self) -> None:
+        unpinned = [k for k, m in self._models.items() if not m.pinned]
+        while len(self._models) > self.settings.max_loaded_models and unpinned:
+            evicted = self._models.pop(unpinned.pop(0))
+            log.info("unloaded %s model %s (MAX_LOADED_MODELS)", evicted.kind, evicted.name)
+
+    def loaded(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [m.describe() for m in self._models.values()]
+
+
+_registry: ModelRegistry | None = None
+_registry_lock = threading.Lock()
+
+
+def get_registry() -> ModelRegistry:
+    global _registry
+    with _registry_lock:
+        if _registry is None:
+            _registry = ModelRegistry(get_settings())
+        return _registry

@@ -1,0 +1,75 @@
+"""Throttled progress reporting to the job: on a stage change, else at most once per interval.
+
+On RunPod the updates go through `runpod.serverless.progress_update` (looked up at call time,
+so a local server can stand in for it); elsewhere they are logged. Nothing is sent after
+`close()`, which the runner calls before the job returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("worker.progress")
+
+ProgressSink = Callable[[dict[str, Any], dict[str, Any]], None]
+
+
+def runpod_sink(job: dict[str, Any], update: dict[str, Any]) -> None:
+    import runpod.serverless
+
+    runpod.serverless.progress_update(job, update)
+
+
+def log_sink(job: dict[str, Any], update: dict[str, Any]) -> None:
+    log.info("job %s progress: %s", job.get("id"), update)
+
+
+def default_sink() -> ProgressSink:
+    # The SDK's update posts to RunPod's job API; with no API (local runs) it would only fail.
+    return runpod_sink if os.environ.get("RUNPOD_WEBHOOK_GET_JOB") else log_sink
+
+
+class ProgressReporter:
+    def __init__(
+        self,
+        job: dict[str, Any],
+        sink: ProgressSink | None = None,
+        min_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.job = job
+        self.sink = sink or default_sink()
+        self.min_interval_s = min_interval_s
+        self.clock = clock
+        self._stage: str | None = None
+        self._last_sent = float("-inf")
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def update(self, stage: str, progress: float, message: str = "", **extra: Any) -> bool:
+        """Report; returns whether the update was sent (not throttled)."""
+        with self._lock:
+            if self._closed:
+                return False
+            now = self.clock()
+            if stage == self._stage and now - self._last_sent < self.min_interval_s:
+                return False
+            self._stage, self._last_sent = stage, now
+        update = {"stage": stage, "progress": round(max(0.0, min(100.0, progress)), 1)}
+        if message:
+            update["message"] = message
+        update.update(extra)
+        try:
+            self.sink(self.job, update)
+        except Exception:  # progress must never fail a job
+            log.exception("progress update failed")
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True

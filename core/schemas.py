@@ -1,0 +1,141 @@
+"""Request and response models (pydantic). The README shows each with examples.
+
+Unknown keys are not errors: the apps in front of us send options meant for other tasks,
+so they come back as `warnings` in the result instead of failing the job. Wrong types and
+out-of-range values are errors naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from core.encode import MASK_FORMATS
+
+
+class InferRequest(BaseModel):
+    """The `input` of an infer job. Exactly one media field is used, by the task's needs."""
+
+    model_config = ConfigDict(extra="allow")
+
+    task: str = Field(min_length=1, max_length=64)
+    model: str | None = Field(default=None, min_length=1, max_length=255)
+    image: str | None = None
+    images: list[str] | None = Field(default=None, min_length=1)
+    video: str | None = None
+    # The Perception Concept Studio's shape.
+    payloadBase64: str | None = None
+    mimeType: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    annotate: bool | None = None
+
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+class TaskOptions(BaseModel):
+    """Base of every task's options; subclasses add fields."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    @classmethod
+    def parse(cls, options: dict[str, Any], task: str) -> tuple[TaskOptions, list[str]]:
+        from pydantic import ValidationError
+
+        from core.errors import InvalidInput, describe_validation_error
+
+        try:
+            parsed = cls.model_validate(options)
+        except ValidationError as exc:
+            raise InvalidInput(describe_validation_error(exc, prefix="options.")) from exc
+        unused = sorted(set(options) - set(cls.model_fields))
+        warnings = [f"options.{key} is not used by {task}" for key in unused]
+        return parsed, warnings
+
+
+Probability = Field(ge=0.0, le=1.0)
+
+
+class YoloOptions(TaskOptions):
+    threshold: float = Field(default=0.25, ge=0.0, le=1.0, description="confidence threshold")
+    iou: float = Field(default=0.7, ge=0.0, le=1.0, description="NMS IoU threshold")
+    max_det: int = Field(default=300, ge=1, le=3000)
+    imgsz: int = Field(default=640, ge=32, le=4096)
+    classes: list[int | str] | None = Field(
+        default=None, description="keep only these classes: ids or names (or 'a, b' string)"
+    )
+    agnostic_nms: bool = False
+    annotate: bool = False
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value]
+        return value
+
+    @field_validator("classes")
+    @classmethod
+    def _non_negative(cls, value: list[int | str] | None) -> list[int | str] | None:
+        if value is not None:
+            if not value:
+                return None
+            for item in value:
+                if isinstance(item, int) and item < 0:
+                    raise ValueError("class ids must be >= 0")
+        return value
+
+
+class DetectionOptions(YoloOptions):
+    pass
+
+
+class SegmentationOptions(YoloOptions):
+    mask_format: Literal["polygon", "rle", "png"] = "polygon"
+
+    @field_validator("mask_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lower() in MASK_FORMATS:
+            return value.lower()
+        return value
+
+
+class PoseOptions(YoloOptions):
+    pass
+
+
+class HealthOptions(TaskOptions):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# Responses
+
+
+class Keypoint(BaseModel):
+    name: str
+    x: float
+    y: float
+    confidence: float
+
+
+class Detection(BaseModel):
+    box: list[float] = Field(description="pixel [x1, y1, x2, y2] in the original image")
+    confidence: float
+    class_id: int
+    label: str
+    track_id: int | None = None
+    mask: dict[str, Any] | None = None
+    keypoints: list[Keypoint] | None = None
+
+
+class ImageResult(BaseModel):
+    index: int
+    width: int
+    height: int
+    detections: list[Detection]
+    preview: dict[str, Any] | None = None

@@ -1,0 +1,207 @@
+"""Artifacts: S3 upload (boto3, multipart, presigned URL), a local directory, or inline base64.
+
+Where an artifact goes, in order: a bucket (from the job's `s3Config` or the `BUCKET_*`
+settings) -> S3; else `OUTPUT_DIR` -> a local file; else inline base64 while the job's inline
+budget lasts; else `upload_failed`, saying how to configure a bucket. A file is never
+reported as uploaded unless S3 confirmed it with the same size.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+import mimetypes
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from core.config import Settings
+from core.errors import InvalidInput, UploadFailed
+
+log = logging.getLogger("worker.storage")
+
+MULTIPART_CHUNK_BYTES = 16 * 1024 * 1024
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,200}$")
+
+
+@dataclass(frozen=True)
+class BucketTarget:
+    bucket: str
+    access_key_id: str | None
+    secret_access_key: str | None
+    endpoint_url: str | None = None
+    region: str | None = None
+    key_prefix: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BucketTarget | None:
+        if not settings.bucket_configured:
+            return None
+        return cls(
+            bucket=str(settings.bucket_name),
+            access_key_id=settings.bucket_access_key_id,
+            secret_access_key=settings.bucket_secret_access_key,
+            endpoint_url=settings.bucket_endpoint_url or None,
+            region=settings.bucket_region,
+            key_prefix=settings.bucket_key_prefix,
+        )
+
+    @classmethod
+    def from_job(cls, s3_config: Any, settings: Settings) -> BucketTarget | None:
+        """RunPod's per-job `s3Config` (accessId, accessSecret, bucketName, endpointUrl)."""
+        if not s3_config:
+            return None
+        if not isinstance(s3_config, dict) or not s3_config.get("bucketName"):
+            raise InvalidInput("s3Config needs bucketName, accessId, accessSecret, endpointUrl")
+        return cls(
+            bucket=str(s3_config["bucketName"]),
+            access_key_id=s3_config.get("accessId"),
+            secret_access_key=s3_config.get("accessSecret"),
+            endpoint_url=s3_config.get("endpointUrl") or None,
+            region=s3_config.get("region") or settings.bucket_region,
+            key_prefix=settings.bucket_key_prefix,
+        )
+
+
+def s3_client(target: BucketTarget, settings: Settings) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=min(10.0, settings.s3_timeout_s),
+        read_timeout=settings.s3_timeout_s,
+        retries={"max_attempts": settings.s3_retries + 1, "mode": "standard"},
+        signature_version="s3v4",
+        s3={"addressing_style": "path"} if target.endpoint_url else None,
+    )
+    return boto3.client(
+        "s3",
+        endpoint_url=target.endpoint_url,
+        aws_access_key_id=target.access_key_id,
+        aws_secret_access_key=target.secret_access_key,
+        region_name=target.region or "us-east-1",
+        config=config,
+    )
+
+
+def sha256_of(source: bytes | Path) -> str:
+    if isinstance(source, bytes):
+        return hashlib.sha256(source).hexdigest()
+    digest = hashlib.sha256()
+    with source.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ArtifactStore:
+    """Puts one job's artifacts where the settings and the job say."""
+
+    def __init__(self, settings: Settings, job_id: str, bucket: BucketTarget | None) -> None:
+        self.settings = settings
+        self.job_id = re.sub(r"[^A-Za-z0-9._-]", "_", job_id) or "job"
+        self.bucket = bucket
+        self.inline_budget = settings.inline_max_bytes
+        self._client: Any = None
+
+    @property
+    def mode(self) -> str:
+        if self.bucket:
+            return "s3"
+        if self.settings.output_dir:
+            return "local"
+        return "inline"
+
+    def put(self, name: str, data: bytes | Path, content_type: str | None = None) -> dict[str, Any]:
+        """Store one artifact and describe it: name, bytes, sha256, content type, where."""
+        if not _SAFE_NAME.match(name) or ".." in name:
+            raise ValueError(f"unsafe artifact name {name!r}")
+        content_type = content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
+        size = len(data) if isinstance(data, bytes) else data.stat().st_size
+        record: dict[str, Any] = {
+            "name": name,
+            "bytes": size,
+            "sha256": sha256_of(data),
+            "content_type": content_type,
+        }
+        if self.mode == "s3":
+            record.update(self._put_s3(name, data, size, content_type, record["sha256"]))
+        elif self.mode == "local":
+            record.update(self._put_local(name, data))
+        else:
+            record.update(self._put_inline(name, data, size))
+        return record
+
+    # -- destinations ---------------------------------------------------------------------
+
+    def _key(self, name: str) -> str:
+        assert self.bucket is not None
+        prefix = self.bucket.key_prefix.strip("/")
+        return "/".join(p for p in (prefix, self.job_id, name) if p)
+
+    def _put_s3(
+        self, name: str, data: bytes | Path, size: int, content_type: str, sha256: str
+    ) -> dict[str, Any]:
+        from boto3.s3.transfer import TransferConfig
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        assert self.bucket is not None
+        key = self._key(name)
+        transfer = TransferConfig(
+            multipart_threshold=MULTIPART_CHUNK_BYTES,
+            multipart_chunksize=MULTIPART_CHUNK_BYTES,
+            max_concurrency=4,
+        )
+        extra = {"ContentType": content_type, "Metadata": {"sha256": sha256}}
+        try:
+            if self._client is None:
+                self._client = s3_client(self.bucket, self.settings)
+            body: BinaryIO
+            with io.BytesIO(data) if isinstance(data, bytes) else data.open("rb") as body:
+                self._client.upload_fileobj(
+                    body, self.bucket.bucket, key, ExtraArgs=extra, Config=transfer
+                )
+            head = self._client.head_object(Bucket=self.bucket.bucket, Key=key)
+            if int(head["ContentLength"]) != size:
+                raise UploadFailed(
+                    f"S3 holds {head['ContentLength']} bytes for {key}, expected {size}"
+                )
+            url = self._client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self.bucket.bucket, "Key": key},
+                ExpiresIn=self.settings.presign_expires_s,
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise UploadFailed(
+                f"could not upload {name} to s3://{self.bucket.bucket}/{key}: {exc}"
+            ) from exc
+        return {"storage": "s3", "bucket": self.bucket.bucket, "key": key, "url": url}
+
+    def _put_local(self, name: str, data: bytes | Path) -> dict[str, Any]:
+        assert self.settings.output_dir is not None
+        path = Path(self.settings.output_dir) / self.job_id / name
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(data, bytes):
+                path.write_bytes(data)
+            else:
+                shutil.copyfile(data, path)
+        except OSError as exc:
+            raise UploadFailed(f"could not write {name} to OUTPUT_DIR ({exc})") from exc
+        return {"storage": "local", "path": str(path.resolve())}
+
+    def _put_inline(self, name: str, data: bytes | Path, size: int) -> dict[str, Any]:
+        if size > self.inline_budget:
+            raise UploadFailed(
+                f"{name} is {size} bytes, over what is left of the inline budget "
+                f"({self.inline_budget} of INLINE_MAX_BYTES={self.settings.inline_max_bytes}); "
+                "set BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY and "
+                "BUCKET_NAME (or send s3Config with the job) to receive it from S3"
+            )
+        self.inline_budget -= size
+        raw = data if isinstance(data, bytes) else data.read_bytes()
+        return {"storage": "inline", "data": base64.b64encode(raw).decode("ascii")}

@@ -1,0 +1,238 @@
+"""What detection, segmentation and pose share: loading Ultralytics models, one batched
+predict, turning `Results` into our response entities, and the annotated preview."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from core.encode import encode_mask, image_to_jpeg
+from core.errors import InvalidInput
+from core.jobs import JobContext, TaskRequest
+from core.models import LoadedModel, get_registry
+from core.schemas import Detection, ImageResult, Keypoint, YoloOptions
+
+# Never let Ultralytics pip-install missing export backends inside a worker.
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+
+MODEL_SUFFIXES = (".pt", ".onnx", ".torchscript", ".engine")
+TASK_KINDS = {"detect": "a detection", "segment": "a segmentation", "pose": "a pose"}
+EXAMPLES = {"detect": "yolo11n.pt", "segment": "yolo11n-seg.pt", "pose": "yolo11n-pose.pt"}
+
+
+def normalise_name(name: str) -> str:
+    suffix = PurePosixPath(name).suffix.lower()
+    if not suffix:
+        return f"{name}.pt"
+    if suffix not in MODEL_SUFFIXES:
+        raise InvalidInput(
+            f"model {name!r}: Ultralytics weights must end in {', '.join(MODEL_SUFFIXES)}"
+        )
+    return name
+
+
+def _load(path: Path) -> Any:
+    from ultralytics import YOLO
+
+    model = YOLO(str(path))
+    if model.task not in TASK_KINDS:
+        raise InvalidInput(f"{path.name} is a {model.task} model, not detect, segment or pose")
+    return model
+
+
+def _download(target: Path) -> None:
+    from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES, attempt_download_asset
+
+    if target.name not in GITHUB_ASSETS_NAMES:
+        raise FileNotFoundError(f"{target.name} is not an Ultralytics release asset")
+    attempt_download_asset(target)
+
+
+def load_yolo(name: str, kind: str, *, pin: bool = False) -> LoadedModel:
+    """Load (once) and check it is the kind the task needs (detect, segment or pose)."""
+    name = normalise_name(name)
+    loaded = get_registry().get("ultralytics", name, _load, _download, pin=pin)
+    actual = loaded.model.task
+    if actual != kind:
+        raise InvalidInput(
+            f"model {name!r} is {TASK_KINDS.get(actual, actual)} model; this task needs "
+            f"{TASK_KINDS[kind]} model such as {EXAMPLES[kind]}"
+        )
+    return loaded
+
+
+def warm_up(loaded: LoadedModel, device: str) -> None:
+    """One tiny predict so the first job does not pay for fusing layers and set-up."""
+    with loaded.lock:
+        loaded.model.predict(np.zeros((64, 64, 3), np.uint8), device=device, verbose=False)
+
+
+@lru_cache(maxsize=1)
+def coco_names() -> dict[int, str]:
+    from ultralytics.cfg import get_cfg  # noqa: F401 - ensures the package data is present
+    from ultralytics.utils import ROOT, YAML
+
+    return {int(k): str(v) for k, v in YAML.load(ROOT / "cfg/datasets/coco.yaml")["names"].items()}
+
+
+@lru_cache(maxsize=1)
+def coco_keypoint_names() -> tuple[str, ...]:
+    from ultralytics.utils import ROOT, YAML
+
+    return tuple(YAML.load(ROOT / "cfg/datasets/coco-pose.yaml")["kpt_names"][0])
+
+
+def class_names(model: Any) -> dict[int, str]:
+    """The model's names, or COCO's where an 80-class model only carries its indices."""
+    names = {int(k): str(v) for k, v in dict(model.names).items()}
+    if len(names) == 80 and all(v == str(k) for k, v in names.items()):
+        return coco_names()
+    return names
+
+
+def keypoint_names(model: Any, count: int) -> tuple[str, ...]:
+    names = getattr(model.model, "kpt_names", None)
+    if isinstance(names, dict) and names:
+        first = next(iter(names.values()))
+        if len(first) == count:
+            return tuple(str(n) for n in first)
+    if count == 17:
+        return coco_keypoint_names()
+    return tuple(f"kp{i}" for i in range(count))
+
+
+def class_ids(wanted: list[int | str] | None, names: dict[int, str]) -> list[int] | None:
+    if not wanted:
+        return None
+    lookup = {v.lower(): k for k, v in names.items()}
+    ids = []
+    for item in wanted:
+        if isinstance(item, int):
+            if item not in names:
+                raise InvalidInput(
+                    f"options.classes: id {item} is not in this model (0..{len(names) - 1})"
+                )
+            ids.append(item)
+        elif item.lower() in lookup:
+            ids.append(lookup[item.lower()])
+        elif item.isdigit() and int(item) in names:
+            ids.append(int(item))
+        else:
+            sample = ", ".join(list(names.values())[:12])
+            raise InvalidInput(
+                f"options.classes: {item!r} is not a class of this model ({sample}, ...)"
+            )
+    return ids
+
+
+def predict(loaded: LoadedModel, request: TaskRequest, ctx: JobContext, **extra: Any) -> list[Any]:
+    options: YoloOptions = request.options  # type: ignore[assignment]
+    names = class_names(loaded.model)
+    with ctx.timings.measure("inference"), loaded.lock:
+        return loaded.model.predict(
+            source=[image.pixels for image in request.images],
+            conf=options.threshold,
+            iou=options.iou,
+            max_det=options.max_det,
+            imgsz=options.imgsz,
+            classes=class_ids(options.classes, names),
+            agnostic_nms=options.agnostic_nms,
+            device=ctx.device,
+            half=ctx.settings.half_precision and ctx.device.startswith("cuda"),
+            verbose=False,
+            **extra,
+        )
+
+
+def to_detections(
+    result: Any,
+    names: dict[int, str],
+    mask_format: str | None = None,
+    kpt_names: tuple[str, ...] | None = None,
+) -> list[Detection]:
+    boxes = result.boxes
+    if boxes is None or len(boxes) == 0:
+        return []
+    xyxy = boxes.xyxy.cpu().numpy().astype(np.float64).round(2).tolist()
+    confidences = boxes.conf.cpu().numpy().astype(np.float64).round(4).tolist()
+    classes = boxes.cls.cpu().numpy().astype(int).tolist()
+    track_ids = boxes.id.cpu().numpy().astype(int).tolist() if boxes.id is not None else None
+    masks = None
+    if mask_format and result.masks is not None:
+        masks = result.masks.data.cpu().numpy() > 0.5
+    keypoints = None
+    if kpt_names is not None and result.keypoints is not None:
+        keypoints = result.keypoints.data.cpu().numpy().astype(np.float64).round(2).tolist()
+    detections = []
+    for i, (box, confidence, class_id) in enumerate(zip(xyxy, confidences, classes, strict=True)):
+        detection = Detection(
+            box=box,
+            confidence=confidence,
+            class_id=class_id,
+            label=names.get(class_id, str(class_id)),
+            track_id=track_ids[i] if track_ids else None,
+        )
+        if masks is not None:
+            detection.mask = encode_mask(masks[i], mask_format or "polygon")
+        if keypoints is not None:
+            detection.keypoints = [
+                Keypoint(name=kpt_names[k], x=x, y=y, confidence=c)
+                for k, (x, y, c) in enumerate(keypoints[i])
+            ]
+        detections.append(detection)
+    return detections
+
+
+def image_results(
+    results: list[Any],
+    request: TaskRequest,
+    ctx: JobContext,
+    loaded: LoadedModel,
+    mask_format: str | None = None,
+    with_keypoints: bool = False,
+) -> dict[str, Any]:
+    names = class_names(loaded.model)
+    out = []
+    with ctx.timings.measure("encode"):
+        for index, (result, image) in enumerate(zip(results, request.images, strict=True)):
+            kpt_names = None
+            if with_keypoints and result.keypoints is not None:
+                kpt_names = keypoint_names(loaded.model, int(result.keypoints.data.shape[1]))
+            out.append(
+                ImageResult(
+                    index=index,
+                    width=image.width,
+                    height=image.height,
+                    detections=to_detections(result, names, mask_format, kpt_names),
+                )
+            )
+    if request.annotate:
+        with ctx.timings.measure("preview"):
+            for item, result in zip(out, results, strict=True):
+                result.names = names
+                jpeg = image_to_jpeg(result.plot(line_width=None, pil=False))
+                item.preview = ctx.store.put(f"preview_{item.index}.jpg", jpeg, "image/jpeg")
+    return {"results": [item.model_dump(exclude_none=True) for item in out]}
+
+
+def run_yolo_task(
+    request: TaskRequest, ctx: JobContext, kind: str, **predict_args: Any
+) -> dict[str, Any]:
+    assert request.model is not None
+    with ctx.timings.measure("load_model"):
+        loaded = load_yolo(request.model, kind)
+    results = predict(loaded, request, ctx, **predict_args)
+    mask_format = getattr(request.options, "mask_format", None) if kind == "segment" else None
+    return image_results(results, request, ctx, loaded, mask_format, with_keypoints=kind == "pose")
+
+
+def preload_yolo(name: str, kind: str) -> LoadedModel:
+    from core.jobs import worker_device
+
+    loaded = load_yolo(name, kind, pin=True)
+    warm_up(loaded, worker_device())
+    return loaded

@@ -1,0 +1,45 @@
+"""RunPod serverless worker for perception jobs (see README). Logic lives in core/."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.config import get_settings
+from core.errors import WorkerError
+from core.jobs import configure_logging, preload, run_infer_job
+
+log = logging.getLogger("worker")
+
+
+def handler(job: dict[str, Any]) -> dict[str, Any]:
+    return run_infer_job(job)
+
+
+def main() -> None:
+    import runpod
+
+    configure_logging()
+    started = time.perf_counter()
+    spec = get_settings().preload_models
+    try:
+        models = preload(spec)
+    except WorkerError as exc:
+        log.error("PRELOAD_MODELS=%r failed, the worker will not start: %s", spec, exc.message)
+        sys.exit(3)
+    log.info(
+        "ready in %.1f s with %d preloaded model(s): %s",
+        time.perf_counter() - started,
+        len(models),
+        ", ".join(m["name"] for m in models) or "none",
+    )
+    runpod.serverless.start({"handler": handler})
+
+
+if __name__ == "__main__":
+    main()
