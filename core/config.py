@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     # Outputs.
     output_dir: Path | None = None
     inline_max_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
-    """Budget for base64 artifacts inside one result (RunPod drops results over 20 MB)."""
+    """Base64 bytes of artifacts allowed inline in one result (RunPod drops results > 20 MB)."""
     bucket_endpoint_url: str | None = None
     bucket_access_key_id: str | None = None
     bucket_secret_access_key: str | None = None

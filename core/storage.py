@@ -57,11 +57,21 @@ class BucketTarget:
             return None
         if not isinstance(s3_config, dict) or not s3_config.get("bucketName"):
             raise InvalidInput("s3Config needs bucketName, accessId, accessSecret, endpointUrl")
+        endpoint = s3_config.get("endpointUrl") or None
+        if endpoint:
+            from urllib.parse import urlsplit
+
+            from core.payload import check_public_host  # the job chose it: same SSRF guard
+
+            parts = urlsplit(str(endpoint))
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise InvalidInput("s3Config.endpointUrl must be an http(s) URL")
+            check_public_host(parts.hostname, parts.port, settings, "s3Config.endpointUrl")
         return cls(
             bucket=str(s3_config["bucketName"]),
             access_key_id=s3_config.get("accessId"),
             secret_access_key=s3_config.get("accessSecret"),
-            endpoint_url=s3_config.get("endpointUrl") or None,
+            endpoint_url=endpoint,
             region=s3_config.get("region") or settings.bucket_region,
             key_prefix=settings.bucket_key_prefix,
         )
@@ -195,13 +205,15 @@ class ArtifactStore:
         return {"storage": "local", "path": str(path.resolve())}
 
     def _put_inline(self, name: str, data: bytes | Path, size: int) -> dict[str, Any]:
-        if size > self.inline_budget:
+        encoded = 4 * -(-size // 3)  # what it adds to the result, as base64
+        if encoded > self.inline_budget:
             raise UploadFailed(
-                f"{name} is {size} bytes, over what is left of the inline budget "
+                f"{name} is {size} bytes ({encoded} as base64), over what is left of the "
+                "inline budget "
                 f"({self.inline_budget} of INLINE_MAX_BYTES={self.settings.inline_max_bytes}); "
                 "set BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY and "
                 "BUCKET_NAME (or send s3Config with the job) to receive it from S3"
             )
-        self.inline_budget -= size
+        self.inline_budget -= encoded
         raw = data if isinstance(data, bytes) else data.read_bytes()
         return {"storage": "inline", "data": base64.b64encode(raw).decode("ascii")}

@@ -43,23 +43,10 @@ def ultralytics_config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory: pytest.TempPathFactory, ultralytics_config_dir: Path) -> Path:
     """yolo11n{,-seg,-pose}.pt with random weights, saved and reloaded the Ultralytics way."""
-    from ultralytics import YOLO
+    from scripts.make_test_weights import make_yolo_checkpoints
 
-    import torch
-
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights")
-    for name in ("yolo11n", "yolo11n-seg", "yolo11n-pose"):
-        model = YOLO(f"{name}.yaml")
-        if name.endswith("-seg"):
-            # Untrained mask coefficients give empty masks, which Ultralytics drops with
-            # their boxes; a positive bias makes non-empty masks to check the encodings on.
-            head = model.model.model[-1]
-            with torch.no_grad():
-                head.proto.cv3.bn.bias.fill_(1.0)  # prototypes mostly positive
-                for branch in head.cv4:
-                    branch[-1].bias.fill_(1.0)  # coefficients positive
-        model.save(path / f"{name}.pt")
+    make_yolo_checkpoints(path)
     if SHAPES_MODEL.exists():
         shutil.copy(SHAPES_MODEL, path / SHAPES_MODEL.name)
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 import zlib
 from fractions import Fraction
@@ -189,7 +190,7 @@ def test_real_footage_decodes(name: str, size: tuple[int, int], frames: int) -> 
     assert len(sampled) == pytest.approx(info.duration_s * 2, abs=2)
     assert sampled[0].pixels.shape[1] == 640
     assert all(
-        b.time_s - a.time_s == pytest.approx(0.5, abs=0.05) for a, b in zip(sampled, sampled[1:])
+        b.time_s - a.time_s == pytest.approx(0.5, abs=0.05) for a, b in itertools.pairwise(sampled)
     )
     # Real content, not blank frames.
     assert all(cv2.Laplacian(f.pixels, cv2.CV_64F).var() > 10 for f in sampled)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import requests
@@ -103,7 +104,7 @@ def test_redirect_to_private_address_is_refused(
 
     class Redirect:
         is_redirect = True
-        headers = {"location": "http://127.0.0.1:9/secret"}
+        headers: ClassVar[dict[str, str]] = {"location": "http://127.0.0.1:9/secret"}
         status_code = 302
 
         def __enter__(self) -> Redirect:
@@ -142,7 +143,7 @@ def test_store_inline_local_and_s3(tmp_path: Path, s3_server: S3Server) -> None:
     data = b"artifact-bytes" * 100
     digest = hashlib.sha256(data).hexdigest()
 
-    inline = ArtifactStore(settings(inline_max_bytes=2000), "job-1", None)
+    inline = ArtifactStore(settings(inline_max_bytes=2000), "job-1", None)  # base64: 1868
     record = inline.put("a.bin", data)
     assert record["storage"] == "inline" and base64.b64decode(record["data"]) == data
     assert record["sha256"] == digest and record["bytes"] == len(data)
@@ -186,12 +187,26 @@ def test_upload_failure_is_reported_not_hidden(tmp_path: Path, s3_server: S3Serv
 
 def test_job_s3_config_overrides_settings() -> None:
     target = BucketTarget.from_job(
-        {"accessId": "a", "accessSecret": "b", "bucketName": "c", "endpointUrl": "http://x"},
+        {
+            "accessId": "a",
+            "accessSecret": "b",
+            "bucketName": "c",
+            "endpointUrl": "http://127.0.0.1:1",
+        },
         settings(),
     )
-    assert target is not None and (target.bucket, target.endpoint_url) == ("c", "http://x")
+    assert target is not None and (target.bucket, target.endpoint_url) == (
+        "c",
+        "http://127.0.0.1:1",
+    )
     with pytest.raises(InvalidInput, match="bucketName"):
         BucketTarget.from_job({"accessId": "a"}, settings())
+    # The job picks the endpoint, so the private-address guard applies to it.
+    with pytest.raises(InvalidInput, match="private or loopback"):
+        BucketTarget.from_job(
+            {"bucketName": "c", "endpointUrl": "http://127.0.0.1:9000"},
+            settings(allow_private_urls=False),
+        )
 
 
 def test_progress_is_throttled_and_stops_after_close() -> None:

@@ -188,7 +188,7 @@ def test_health_reports_versions_and_device(worker) -> None:
 
 def test_url_input_from_loopback_server(worker, http_server: HttpServer, weights_dir: Path) -> None:
     pixels = scene_image(seed=8)
-    ok, buffer = cv2.imencode(".png", pixels)
+    _, buffer = cv2.imencode(".png", pixels)
     (http_server.root / "scene.png").write_bytes(buffer.tobytes())
     url = f"{http_server.base_url}/scene.png"
     refused = worker({"task": "object-detection", "image": url, "options": LOW})
@@ -261,3 +261,31 @@ def test_preload_then_serve(worker) -> None:
     assert "2 preloaded model(s): yolo11n.pt, yolo11n-seg.pt" in run.output
     loaded = {m["name"]: m for m in run.result["loaded_models"]}
     assert loaded["yolo11n.pt"]["preloaded"] and loaded["yolo11n-seg.pt"]["preloaded"]
+
+
+@pytest.mark.parametrize(
+    ("task", "weights", "extra"),
+    [
+        ("image-segmentation", "yolo11n-seg.pt", {"retina_masks": True}),
+        ("pose-estimation", "yolo11n-pose.pt", {}),
+    ],
+)
+def test_segmentation_and_pose_batches(
+    worker, weights_dir: Path, task: str, weights: str, extra: dict
+) -> None:
+    images = [jpeg_b64(scene_image(seed=s)) for s in (12, 13)]
+    run = worker({"task": task, "images": images, "options": {**LOW, "mask_format": "rle"}})
+    assert run.returncode == 0, run.output
+    bare = bare_predict(weights_dir, weights, images, conf=0.0, max_det=5, **extra)
+    for ours, theirs in zip(run.result["results"], bare, strict=True):
+        assert_boxes_match(ours, theirs)
+        if task == "image-segmentation":
+            truth = theirs.masks.data.numpy() > 0.5
+            assert all(
+                np.array_equal(rle_to_mask(d["mask"]), t)
+                for d, t in zip(ours["detections"], truth, strict=True)
+            )
+        else:
+            assert all(len(d["keypoints"]) == 17 for d in ours["detections"])
+    if task == "pose-estimation":
+        assert run.result["warnings"] == ["options.mask_format is not used by pose-estimation"]

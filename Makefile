@@ -1,0 +1,19 @@
+# The two commands of the README: `make run` (the worker on test_input.json) and `make test`.
+PY := .venv/bin/python
+export YOLO_CONFIG_DIR ?= $(CURDIR)/.venv/ultralytics-config
+
+.PHONY: setup run test lint bench
+setup:
+	./scripts/setup.sh
+
+run: setup
+	$(PY) handlers/infer.py
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+bench: setup
+	$(PY) bench/bench_infer.py
