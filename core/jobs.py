@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from pydantic import ValidationError
-
 from core.config import Settings, get_settings
 from core.errors import InvalidInput, error_result
 from core.media import VIDEO_TYPES, DecodedImage, decode_image
@@ -108,12 +106,7 @@ def _run(job: dict[str, Any], settings: Settings, progress: ProgressReporter) ->
     raw_input = job.get("input")
     if not isinstance(raw_input, dict):
         raise InvalidInput("the job's input must be a JSON object with a `task`")
-    try:
-        request = InferRequest.model_validate(raw_input)
-    except ValidationError as exc:
-        from core.errors import describe_validation_error
-
-        raise InvalidInput(describe_validation_error(exc)) from exc
+    request = InferRequest.model_validate(raw_input)  # a ValidationError names the field
     task = get_task(request.task)
     options, warnings = task.options.parse(request.options, task.name)
     warnings += [f"{name} is not a known input field" for name in request.unknown_fields()]

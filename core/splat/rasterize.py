@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "ALPHA_THRESHOLD",
@@ -53,6 +54,7 @@ ALPHA_THRESHOLD = 1.0 / 255.0
 MAX_ALPHA = 0.999
 TRANSMITTANCE_EPS = 1e-4
 RADIUS_SIGMAS = 3.33
+_LOG_ALPHA_FLOOR = -12.0  # exp(-12) = 6e-6 < 1/255: such pairs are skipped either way
 
 
 # --------------------------------------------------------------------------- geometry
@@ -281,12 +283,36 @@ def spherical_harmonics(degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- compositing
 
 
-def _chunk_alpha(feat: Tensor, origin: Tensor, lin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per pixel x Gaussian alpha of one chunk, returns (dx, dy, alpha).
+class _Workspace:
+    """Scratch buffers reused by every compositing block of one rasterization call.
+
+    Fresh multi-MB tensors per block are dominated by page faults once the allocator returns
+    them to the OS (measured 2x slower on a 2-core VM), so the hot loop writes into these
+    with ``out=`` / in-place ops. Backward runs after forward, block by block, so sharing one
+    workspace per call (kept alive by the autograd graph) is safe.
+    """
+
+    n_buffers = 6
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        self._flat: Tensor | None = None
+
+    def views(self, shape: tuple[int, ...]) -> list[Tensor]:
+        numel = math.prod(shape)
+        if self._flat is None or self._flat.shape[1] < numel:
+            self._flat = torch.empty(self.n_buffers, numel, dtype=self.dtype, device=self.device)
+        return [self._flat[i, :numel].view(shape) for i in range(self.n_buffers)]
+
+
+def _chunk_alpha(
+    feat: Tensor, origin: Tensor, lin: Tensor, out: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per pixel x Gaussian alpha of one block, returns (dx, dy, alpha).
 
     feat [G, M, 6 + D] rows are (x, y, conic xx, xy, yy, log opacity, colour...); pixels are
-    the ts x ts grid of each tile (origin [G, 2]); alpha is [G, P, M] with P = ts*ts, already
-    clamped to 0.999 and zeroed below 1/255. Written with in-place ops: this is the hot loop.
+    the ts x ts grid of each tile (origin [G, 2]); alpha is written to ``out`` ([G, P, M], P =
+    ts*ts), clamped to 0.999 and zeroed below 1/255.
     """
     g, m = feat.shape[0], feat.shape[1]
     ts = lin.shape[0]
@@ -299,30 +325,40 @@ def _chunk_alpha(feat: Tensor, origin: Tensor, lin: Tensor) -> tuple[Tensor, Ten
     bdx = feat[:, None, :, 3] * dx
     # log alpha = log(opac) - sigma with sigma = a dx^2/2 + c dy^2/2 + b dx dy >= 0 (the conic
     # is positive definite, so gsplat's `sigma < 0` skip only matters at rounding level).
-    alpha = torch.addcmul(qx[:, None] - qy[:, :, None], bdx[:, None], dy[:, :, None], value=-1)
-    alpha = alpha.exp_().reshape(g, ts * ts, m)
+    power = torch.sub(qx[:, None], qy[:, :, None], out=out.view(g, ts, ts, m))
+    power.addcmul_(bdx[:, None], dy[:, :, None], value=-1)
+    # Anything below log(1/255) is skipped anyway; flooring the exponent first avoids the
+    # (16x slower) underflow path of the vectorised exp for the many far-away pairs.
+    alpha = power.clamp_min_(_LOG_ALPHA_FLOOR).exp_().view(g, ts * ts, m)
     # gsplat skips Gaussians with alpha < 1/255 (they do not attenuate either) and clamps
     # alpha to 0.999 (threshold keeps x > t; the x == t tie differs only on exact equality).
     F.threshold(alpha, ALPHA_THRESHOLD, 0.0, inplace=True)
     return dx, dy, alpha.clamp_max_(MAX_ALPHA)
 
 
-def _chunk_blend(alpha: Tensor, trans_in: Tensor, done_in: Tensor) -> tuple[Tensor, ...]:
-    """Front-to-back blending terms of one chunk (alpha [G, P, M], trans_in / done_in [G, P]).
+def _chunk_blend(
+    alpha: Tensor, trans_in: Tensor, done_in: Tensor, bufs: list[Tensor]
+) -> tuple[Tensor, ...]:
+    """Front-to-back blending terms of one block (alpha [G, P, M], trans_in / done_in [G, P]).
 
-    Returns one_minus (1 - alpha), keep [G, P, M] (the Gaussian contributes), prod_excl
-    (product of 1 - alpha over the Gaussians in front within the chunk), prod_out [G, P]
-    (over all kept ones) and done_out [G, P].
+    Returns one_minus (1 - alpha, in bufs[0]), keep (1.0 where the Gaussian contributes,
+    else 0.0, in bufs[2]), prod_excl (product of 1 - alpha over the Gaussians in front within
+    the block, in bufs[3]), prod_out [G, P] (over all kept ones) and done_out [G, P].
+    bufs[1] (the inclusive product) is free again on return.
     """
-    one_minus = torch.rsub(alpha, 1.0)
-    prod_incl = torch.cumprod(one_minus, dim=-1)
+    one_minus = torch.neg(alpha, out=bufs[0]).add_(1.0)
+    prod_incl = torch.cumprod(one_minus, dim=-1, out=bufs[1])
     # gsplat stops a pixel *before* the Gaussian that takes T to <= 1e-4 (T_in * prod_incl);
-    # T is monotone so `keep` is a prefix along the chunk and the exclusive products of the
-    # kept Gaussians need no masking. Finished pixels get an infinite threshold.
+    # T is monotone, so the kept Gaussians are a prefix whose length is a binary search, and
+    # their exclusive products need no masking. Finished pixels get an infinite threshold.
+    # (Float masks throughout: boolean tensor ops are several times slower on CPU.)
     thresh = torch.where(done_in, math.inf, TRANSMITTANCE_EPS / trans_in)
-    keep = prod_incl > thresh[..., None]
-    prod_excl = torch.cat([torch.ones_like(prod_incl[..., :1]), prod_incl[..., :-1]], dim=-1)
-    n_keep = keep.sum(-1, keepdim=True)
+    n_keep = torch.searchsorted(torch.neg(prod_incl, out=bufs[2]), thresh.neg()[..., None])
+    steps = torch.arange(alpha.shape[-1], dtype=alpha.dtype, device=alpha.device)
+    keep = torch.sub(n_keep.to(alpha.dtype), steps, out=bufs[2]).clamp_(0.0, 1.0)  # 0 / 1
+    prod_excl = bufs[3]
+    prod_excl[..., 0] = 1.0
+    prod_excl[..., 1:] = prod_incl[..., :-1]
     last = prod_incl.gather(-1, (n_keep - 1).clamp_min(0))
     prod_out = torch.where(n_keep > 0, last, 1.0).squeeze(-1)
     done_out = done_in | ((prod_incl[..., -1] * trans_in) <= TRANSMITTANCE_EPS)
@@ -332,59 +368,74 @@ def _chunk_blend(alpha: Tensor, trans_in: Tensor, done_in: Tensor) -> tuple[Tens
 class _CompositeChunk(torch.autograd.Function):
     """Composite M depth-sorted Gaussians into G tiles; hand-written backward.
 
-    Only the chunk inputs are saved and the alphas are recomputed in backward (as gsplat's
+    Only the block inputs are saved and the alphas are recomputed in backward (as gsplat's
     CUDA backward does), so memory does not grow with the number of pixel x Gaussian pairs.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, trans_in: Tensor, done_in: Tensor, feat: Tensor, origin: Tensor, lin: Tensor
+        ctx: Any,
+        trans_in: Tensor,
+        done_in: Tensor,
+        feat: Tensor,
+        origin: Tensor,
+        lin: Tensor,
+        ws: _Workspace,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        _, _, alpha = _chunk_alpha(feat, origin, lin)
-        _, keep, prod_excl, prod_out, done_out = _chunk_blend(alpha, trans_in, done_in)
+        g, m, p = feat.shape[0], feat.shape[1], lin.shape[0] ** 2
+        bufs = ws.views((g, p, m))
+        _, _, alpha = _chunk_alpha(feat, origin, lin, bufs[5])
+        _, keep, prod_excl, prod_out, done_out = _chunk_blend(alpha, trans_in, done_in, bufs)
         weights = alpha.mul_(keep).mul_(prod_excl)  # / T_in
         color = torch.bmm(weights, feat[..., 6:]).mul_(trans_in[..., None])  # [G, P, D]
         ctx.save_for_backward(trans_in, done_in, feat, origin, lin)
+        ctx.ws = ws
         ctx.mark_non_differentiable(done_out)
         return color, trans_in * prod_out, done_out
 
     @staticmethod
+    @once_differentiable
     def backward(  # type: ignore[override]
         ctx: Any, g_color: Tensor, g_trans_out: Tensor, _g_done: Tensor
     ) -> tuple[Tensor | None, ...]:
         trans_in, done_in, feat, origin, lin = ctx.saved_tensors
         g, m = feat.shape[0], feat.shape[1]
         ts = lin.shape[0]
-        dx, dy, alpha = _chunk_alpha(feat, origin, lin)
-        one_minus, keep, prod_excl, prod_out, _ = _chunk_blend(alpha, trans_in, done_in)
+        bufs = ctx.ws.views((g, ts * ts, m))
+        dx, dy, alpha = _chunk_alpha(feat, origin, lin, bufs[5])
+        one_minus, keep, prod_excl, prod_out, _ = _chunk_blend(alpha, trans_in, done_in, bufs)
         # With W_k = a_k prod_excl_k over kept Gaussians, C = T_in sum_k W_k c_k and
         # T_out = T_in prod_out:
         #   dL/dc_k = T_in W_k gC
         #   dL/dT_in = sum_k W_k c_k.gC + prod_out gT
         #   dL/da_k = T_in [prod_excl_k c_k.gC - (sum_{j>k} W_j c_j.gC + prod_out gT) / (1-a_k)]
         alpha_k = alpha.mul_(keep)
-        wn = alpha_k * prod_excl
+        wn = torch.mul(alpha_k, prod_excl, out=bufs[1])
         g_color_t = g_color * trans_in[..., None]
         g_colors = torch.bmm(wn.transpose(1, 2), g_color_t)  # [G, M, D]
-        g_cdot = torch.bmm(g_color_t, feat[..., 6:].transpose(1, 2))  # [G, P, M]: T_in c.gC
+        # [G, P, M]: T_in c_k . gC  (keep, in bufs[2], is no longer needed)
+        g_cdot = torch.bmm(g_color_t, feat[..., 6:].transpose(1, 2), out=bufs[2])
         wc = wn.mul_(g_cdot)
         tail_out = (trans_in * prod_out * g_trans_out)[..., None]
         total = wc.sum(-1, keepdim=True)
         g_trans_in = (total / trans_in[..., None] + (prod_out * g_trans_out)[..., None]).squeeze(-1)
-        # suffix sums over j > k (wc is consumed), then the alpha gradient in place
-        tail = torch.cumsum(wc, dim=-1).neg_().add_(total).add_(tail_out).div_(one_minus)
+        # suffix sums over j > k, then the alpha gradient, all in place
+        tail = torch.cumsum(wc, dim=-1, out=bufs[4]).neg_().add_(total).add_(tail_out)
+        tail.div_(one_minus)
         g_alpha = prod_excl.mul_(g_cdot).sub_(tail)
         # d alpha / d power = alpha where alpha = exp(power) is neither clamped nor skipped
-        # (skipped and non-kept entries are already 0 in alpha_k).
-        g_pow = g_alpha.mul_(alpha_k.masked_fill_(alpha_k >= MAX_ALPHA, 0.0))
-        g_pow = g_pow.reshape(g, ts, ts, m)
+        # (skipped and non-kept entries are already 0 in alpha_k): -threshold(-a, -0.999, 0)
+        # zeroes the clamped ones without a boolean mask.
+        g_pow = g_alpha.mul_(F.threshold(alpha_k.neg_(), -MAX_ALPHA, 0.0, inplace=True)).neg_()
+        g_pow = g_pow.view(g, ts, ts, m)
         # power = log(opac) - a dx^2/2 - c dy^2/2 - b dx dy; sums over the tile's pixels use
         # the separable structure (row / column marginals) except for the cross term.
         g_cols = g_pow.sum(1)  # [G, cols, M]
         g_rows = g_pow.sum(2)  # [G, rows, M]
         s_dx = (g_cols * dx).sum(1)
         s_dy = (g_rows * dy).sum(1)
-        s_dxy = ((g_pow * dy[:, :, None, :]).sum(1) * dx).sum(1)
+        gy = torch.mul(g_pow, dy[:, :, None, :], out=bufs[0].view(g, ts, ts, m))
+        s_dxy = (gy.sum(1) * dx).sum(1)
         ca, cb, cc = feat[..., 2], feat[..., 3], feat[..., 4]
         g_geom = torch.stack(
             [
@@ -398,7 +449,7 @@ class _CompositeChunk(torch.autograd.Function):
             dim=-1,
         )
         g_feat = torch.cat([g_geom, g_colors], dim=-1)
-        return g_trans_in, None, g_feat, None, None
+        return g_trans_in, None, g_feat, None, None, None
 
 
 def _tile_intersections(
@@ -436,6 +487,7 @@ def rasterize_to_pixels(
     tile_size: int = 16,
     backgrounds: Tensor | None = None,
     max_elements: int = 1 << 22,
+    max_chunk: int = 64,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Tile-based front-to-back alpha compositing of projected Gaussians.
 
@@ -443,8 +495,12 @@ def rasterize_to_pixels(
         means2d [N, 2], conics [N, 3], colors [N, D], opacities [N], radii [N, 2] (int, 0 =
         culled), depths [N] as produced by :func:`project_gaussians`.
         backgrounds: [D] colour added with the final transmittance.
-        max_elements: largest pixel x Gaussian block evaluated at once; peak memory is
-            about 10 such float blocks in forward and backward.
+        max_elements: largest pixel x Gaussian block evaluated at once; the scratch
+            workspace holds 6 such blocks (96 MB in float32 at the default), reused by every
+            block in forward and backward.
+        max_chunk: most Gaussians per tile composited in one block; a tile whose pixels are
+            all finished is dropped between blocks, so smaller wastes less work past
+            saturation but costs more Python iterations.
 
     Returns:
         render_colors [H, W, D], render_alphas [H, W, 1], info dict (``tiles_per_gauss``,
@@ -473,8 +529,8 @@ def rasterize_to_pixels(
         tile_start = torch.cumsum(tile_counts, 0) - tile_counts
         n_isects = len(key)
 
-    # Per-Gaussian features in depth order, plus one inert padding row (log opacity -inf
-    # gives alpha 0 without NaN in the gradients).
+    # Per-Gaussian features in depth order, plus one inert padding row for ragged blocks
+    # (log opacity -inf: alpha 0, zero gradient, no NaN).
     vis_o = vis[order]
     log_op = torch.log(opacities[vis_o].clamp_min(1e-30))
     feat = torch.cat([means2d[vis_o], conics[vis_o], log_op[:, None], colors[vis_o]], dim=1)
@@ -483,6 +539,7 @@ def rasterize_to_pixels(
     feat = torch.cat([feat, pad], dim=0)
 
     lin = torch.arange(ts, dtype=dtype, device=device) + 0.5
+    workspace = _Workspace(dtype, device)
     tile_ids = torch.arange(n_tiles, device=device)
     origins = torch.stack([tile_ids % tile_w, tile_ids // tile_w], dim=-1).to(dtype) * ts
     # Padding pixels of the right/bottom edge tiles start "done" so they never keep a tile
@@ -499,27 +556,27 @@ def rasterize_to_pixels(
         active = torch.nonzero((pos < tile_counts) & ~done.all(dim=1)).squeeze(1)
         if len(active) == 0:
             break
-        remaining = tile_counts[active] - pos[active]
-        # Depth-chunk length: fill the element budget, but do not pad far past the longest
-        # remaining list; tiles are split into groups when even 16 would not fit.
-        chunk = max(16, min(256, max_elements // (len(active) * npix)))
-        chunk = min(chunk, int(remaining.max()))
-        group = max(1, max_elements // (npix * chunk))
-        j = torch.arange(chunk, device=device)
-        for s in range(0, len(active), group):
-            ids = active[s : s + group]
-            rem = tile_counts[ids] - pos[ids]
+        # Tiles sorted by remaining list length and grouped so each group's depth chunk is
+        # about as long as its lists (little padding) and a group fills the element budget.
+        remaining, by_len = torch.sort(tile_counts[active] - pos[active], descending=True)
+        active = active[by_len]
+        rem_list = remaining.tolist()
+        s = 0
+        while s < len(active):
+            chunk = min(rem_list[s], max_chunk)
+            group = max(1, max_elements // (npix * chunk))
+            ids, rem = active[s : s + group], remaining[s : s + group]
+            j = torch.arange(chunk, device=device)
             idx = (tile_start[ids] + pos[ids])[:, None] + j
-            rank_ids = torch.where(
-                j < rem[:, None], isect_rank[idx.clamp_max(max(n_isects - 1, 0))], nv
-            )
+            rank_ids = torch.where(j < rem[:, None], isect_rank[idx.clamp_max(n_isects - 1)], nv)
             col, t_out, d_out = _CompositeChunk.apply(
-                trans[ids], done[ids], feat[rank_ids], origins[ids], lin
+                trans[ids], done[ids], feat[rank_ids], origins[ids], lin, workspace
             )
             accum = accum.index_add(0, ids, col)
             trans = trans.index_copy(0, ids, t_out)
             done[ids] = d_out
-        pos[active] += chunk
+            pos[ids] += chunk
+            s += group
 
     if backgrounds is not None:
         accum = accum + trans[..., None] * backgrounds.to(accum).reshape(1, 1, d)
@@ -560,6 +617,7 @@ def rasterization(
     opacity_aware_radius: bool = True,
     tile_size: int = 16,
     max_elements: int = 1 << 22,
+    max_chunk: int = 64,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Render N Gaussians into one pinhole camera, like ``gsplat.rasterization`` (C = 1).
 
@@ -572,6 +630,7 @@ def rasterization(
         opacity_aware_radius: tighter per-Gaussian box as gsplat's ``rasterization`` uses
             (same pixels, fewer tile visits); False gives the plain 3.33-sigma box.
         rasterize_mode: "antialiased" multiplies opacities by the eps2d compensation.
+        max_elements, max_chunk: memory / speed knobs of :func:`rasterize_to_pixels`.
 
     Returns:
         render_colors [H, W, D], render_alphas [H, W, 1], meta with ``radii`` [N, 2] int32,
@@ -632,6 +691,7 @@ def rasterization(
         tile_size=tile_size,
         backgrounds=backgrounds,
         max_elements=max_elements,
+        max_chunk=max_chunk,
     )
     meta: dict[str, Any] = {
         **proj,

@@ -21,7 +21,6 @@ PACKAGES = (
     "pycocotools",
     "pydantic",
     "boto3",
-    "runpod-vision-workers",
 )
 
 
