@@ -15,7 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from core.errors import InvalidInput, MediaDecodeFailed, PayloadTooLarge
 
@@ -103,8 +103,10 @@ def decode_image(data: bytes, *, max_pixels: int, field: str = "image") -> Decod
     try:
         with Image.open(io.BytesIO(data)) as header:  # reads the header only
             width, height = header.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise MediaDecodeFailed(f"{field}: the {media_type} header is unreadable ({exc})") from exc
+    except Exception as exc:  # Ultralytics patches Image.open: any failure is ours
+        raise MediaDecodeFailed(
+            f"{field}: the {media_type} header is unreadable ({type(exc).__name__})"
+        ) from exc
     if width * height > max_pixels:
         raise PayloadTooLarge(
             f"{field} is {width}x{height} ({width * height / 1e6:.0f} Mpx); the limit is "
@@ -134,7 +136,7 @@ def _decode_with_pillow(data: bytes, media_type: str, field: str) -> np.ndarray:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
                 rgb = ImageOps.exif_transpose(img).convert("RGB")
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # see decode_image
         raise MediaDecodeFailed(f"{field}: could not decode the {media_type} ({exc})") from exc
     return np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1])
 
