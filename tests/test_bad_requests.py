@@ -44,6 +44,13 @@ def corpus(tmp: Path) -> list[tuple[str, Any, str, str]]:
         ("text file", detect(b64(b"id,name\n1,alice\n")), "media_decode_failed", "text"),
         ("zero-byte payload", detect("data:image/jpeg;base64,"), "media_decode_failed", "0 bytes"),
         ("png bomb 30000x30000", detect(b64(png_bomb())), "payload_too_large", "30000x30000"),
+        # Ultralytics patches PIL.Image.open in the worker's process; still a clean code.
+        (
+            "corrupt png",
+            detect(b64(b"\x89PNG\r\n\x1a\n" + bytes(40))),
+            "media_decode_failed",
+            "header",
+        ),
         (
             "random bytes",
             detect(b64(bytes(range(256)) * 8)),
