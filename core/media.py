@@ -221,9 +221,14 @@ def iter_video_frames(
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         rate = float(stream.average_rate or stream.guessed_rate or 30.0)
+        # Times are measured from the stream's first frame, whatever its first timestamp.
+        origin = 0.0
+        if stream.start_time is not None and stream.time_base is not None:
+            origin = float(stream.start_time * stream.time_base)
         if start_sec > 0 and stream.time_base is not None:
             # Seek to the keyframe before start; frames before start are skipped below.
-            container.seek(int(start_sec / stream.time_base), stream=stream, backward=True)
+            target = int((start_sec + origin) / stream.time_base)
+            container.seek(target, stream=stream, backward=True)
         step = 1.0 / fps if fps else 0.0
         next_time = start_sec
         emitted = 0
@@ -231,7 +236,7 @@ def iter_video_frames(
         for frame in container.decode(stream):
             sequential_index += 1
             if frame.pts is not None and frame.time_base is not None:
-                time_s = float(frame.pts * frame.time_base)
+                time_s = float(frame.pts * frame.time_base) - origin
             else:
                 time_s = sequential_index / rate
             if time_s + 1e-6 < start_sec:

@@ -122,7 +122,11 @@ def test_text_empty_and_video_are_not_images(tmp_path: Path) -> None:
 
 
 def make_video(
-    path: Path, frames: int = 30, fps: int = 10, size: tuple[int, int] = (64, 48)
+    path: Path,
+    frames: int = 30,
+    fps: int = 10,
+    size: tuple[int, int] = (64, 48),
+    first_pts: int = 0,
 ) -> Path:
     """An mp4 whose frame i shows the value i*8 everywhere (frame identity is checkable)."""
     with av.open(str(path), "w") as container:
@@ -134,7 +138,7 @@ def make_video(
         for i in range(frames):
             pixels = np.full((size[1], size[0], 3), i * 8 % 256, np.uint8)
             frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            frame.pts = i
+            frame.pts = first_pts + i
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
@@ -194,3 +198,11 @@ def test_real_footage_decodes(name: str, size: tuple[int, int], frames: int) -> 
     )
     # Real content, not blank frames.
     assert all(cv2.Laplacian(f.pixels, cv2.CV_64F).var() > 10 for f in sampled)
+
+
+def test_times_count_from_the_first_frame(tmp_path: Path) -> None:
+    """Some files start at a non-zero timestamp; start_sec/end_sec are from the first frame."""
+    video = make_video(tmp_path / "late.mp4", frames=20, fps=10, first_pts=15)
+    frames = list(iter_video_frames(video, start_sec=0.5, end_sec=1.0))
+    assert [f.index for f in frames] == [5, 6, 7, 8, 9]
+    assert all(abs(int(np.median(f.pixels)) - f.index * 8) <= 3 for f in frames)

@@ -1,0 +1,709 @@
+"""Structure-from-Motion with pycolmap: SIFT features, matching, incremental mapping, and the
+camera files splat trainers read (nerfstudio ``transforms.json``, INRIA ``cameras.json``).
+
+Conventions (COLMAP's, kept throughout the result):
+
+* camera axes are OpenCV's: x right, y down, z forward (the camera looks along +z);
+* a pose is **world-to-camera**: ``x_cam = R @ x_world + t`` (``SfmImage.rotation``,
+  ``SfmImage.translation``); the camera centre in the world is ``C = -R.T @ t``
+  (``SfmImage.center``) and camera-to-world is ``[R.T | C]``;
+* pixel coordinates put the centre of the top-left pixel at (0.5, 0.5).
+
+The world frame is whatever COLMAP chose (arbitrary origin, rotation and scale): SfM on
+images alone cannot know metric scale or which way is up.
+
+pycolmap (4.x) API used here: ``extract_features`` (SIFT, CPU or CUDA), ``match_sequential``
+/ ``match_exhaustive`` (+ two-view geometric verification), ``incremental_mapping`` (returns
+``{index: Reconstruction}`` and writes each model to ``output_path/index``), and
+``undistort_images`` for the pinhole copy 3DGS trainers need.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from core.errors import SfmFailed
+from core.progress import ProgressReporter
+
+__all__ = [
+    "CV_TO_GL",
+    "CameraIntrinsics",
+    "SfmImage",
+    "SfmResult",
+    "camera_to_world_from_transforms",
+    "list_images",
+    "result_from_reconstruction",
+    "run_sfm",
+    "to_cameras_json",
+    "to_transforms_json",
+    "undistort_to_pinhole",
+]
+
+log = logging.getLogger("worker.sfm")
+
+Matching = Literal["sequential", "exhaustive", "auto"]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+EXHAUSTIVE_MAX_IMAGES = 40  # auto: exhaustive is O(n^2) pairs, affordable up to about here
+MIN_IMAGES = 3  # fewer views cannot give a model that is checked by a third view
+# A model with fewer 3D points is degenerate: real models have hundreds per image, while a
+# camera that only turns in place yields models of 0-5 points (measured).
+MIN_POINTS = 50
+MIN_POINTS_PER_IMAGE = 5
+
+# Share of the stage's 0-100 progress each step takes (mapping is the long one on CPU).
+_EXTRACT_SPAN = (0.0, 30.0)
+_MATCH_SPAN = (30.0, 50.0)
+_MAP_SPAN = (50.0, 100.0)
+
+# Hints that make an SfmFailed actionable; the message names the numbers behind them.
+HINT_CAPTURE = (
+    "the camera needs to move around the subject with overlap between frames; avoid blank "
+    "walls, reflective or moving subjects and motion blur; try a higher fps or a longer clip"
+)
+HINT_TOO_FEW = (
+    "SfM needs at least 3 overlapping views (a splat wants dozens): use a longer clip or a "
+    "higher fps, or send more photos"
+)
+HINT_STILL = (
+    "the frames match each other but show little or no parallax: the camera seems to stand "
+    "still or only turn in place (tripod, pan), so depth cannot be triangulated"
+)
+HINT_TEXTURE = (
+    "the frames have almost no texture for SIFT features (blank walls, darkness, fog, heavy blur)"
+)
+
+
+@dataclass(frozen=True)
+class CameraIntrinsics:
+    """A COLMAP camera: the model name and its raw params, plus the pinhole part spelled out."""
+
+    model: str  # COLMAP model name: SIMPLE_RADIAL, PINHOLE, OPENCV, ...
+    width: int
+    height: int
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    params: tuple[float, ...]  # COLMAP's own order, e.g. (f, cx, cy, k) for SIMPLE_RADIAL
+
+    @property
+    def K(self) -> np.ndarray:
+        return np.array([[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]])
+
+    def distortion(self) -> dict[str, float]:
+        """Distortion in nerfstudio's OPENCV terms (k1, k2, p1, p2); zeros for pinholes."""
+        p = self.params
+        if self.model in ("SIMPLE_PINHOLE", "PINHOLE"):
+            return {"k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0}
+        if self.model == "SIMPLE_RADIAL":
+            return {"k1": p[3], "k2": 0.0, "p1": 0.0, "p2": 0.0}
+        if self.model == "RADIAL":
+            return {"k1": p[3], "k2": p[4], "p1": 0.0, "p2": 0.0}
+        if self.model == "OPENCV":
+            return {"k1": p[4], "k2": p[5], "p1": p[6], "p2": p[7]}
+        raise ValueError(
+            f"camera model {self.model} has no OPENCV equivalent; undistort to pinhole first"
+        )
+
+
+@dataclass(frozen=True)
+class SfmImage:
+    """One registered image. The pose is world-to-camera (COLMAP's): x_cam = R x_world + t."""
+
+    name: str  # file name relative to the image folder
+    image_id: int
+    camera_id: int
+    rotation: np.ndarray  # [3, 3] float64, world-to-camera R
+    translation: np.ndarray  # [3] float64, world-to-camera t
+    center: np.ndarray  # [3] float64, camera centre in world coordinates: -R^T t
+    intrinsics: CameraIntrinsics
+
+    @property
+    def world_to_camera(self) -> np.ndarray:
+        """4x4 [R | t]: world point to OpenCV camera coordinates."""
+        m = np.eye(4)
+        m[:3, :3], m[:3, 3] = self.rotation, self.translation
+        return m
+
+    @property
+    def camera_to_world(self) -> np.ndarray:
+        """4x4 [R^T | C]: OpenCV camera axes (x right, y down, z forward) in the world."""
+        m = np.eye(4)
+        m[:3, :3], m[:3, 3] = self.rotation.T, self.center
+        return m
+
+
+@dataclass
+class SfmResult:
+    images: list[SfmImage]  # registered images, sorted by name
+    total_images: int  # images given to SfM (registered or not)
+    points_xyz: np.ndarray  # [N, 3] float32, world coordinates
+    points_rgb: np.ndarray  # [N, 3] uint8
+    points_error: np.ndarray  # [N] float32, mean reprojection error of each point (px)
+    points_track_length: np.ndarray  # [N] int32, images observing each point
+    mean_reprojection_error: float  # px, over all observations of the kept model
+    model_dir: Path | None = None  # the kept model in COLMAP's binary format
+    num_models: int = 1  # models COLMAP produced (the largest is kept)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def registered_names(self) -> list[str]:
+        return [image.name for image in self.images]
+
+    @property
+    def num_registered(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_points(self) -> int:
+        return int(self.points_xyz.shape[0])
+
+    @property
+    def registered_fraction(self) -> float:
+        return self.num_registered / self.total_images if self.total_images else 0.0
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-ready statistics for a job's result."""
+        return {
+            "registered_images": self.num_registered,
+            "total_images": self.total_images,
+            "registered_fraction": round(self.registered_fraction, 4),
+            "points": self.num_points,
+            "mean_reprojection_error_px": round(self.mean_reprojection_error, 4),
+            "models": self.num_models,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a pycolmap Reconstruction
+
+
+def _intrinsics(camera: Any) -> CameraIntrinsics:
+    return CameraIntrinsics(
+        model=str(camera.model_name),
+        width=int(camera.width),
+        height=int(camera.height),
+        fx=float(camera.focal_length_x),
+        fy=float(camera.focal_length_y),
+        cx=float(camera.principal_point_x),
+        cy=float(camera.principal_point_y),
+        params=tuple(float(p) for p in camera.params),
+    )
+
+
+def result_from_reconstruction(
+    reconstruction: Any, total_images: int, model_dir: Path | None = None, num_models: int = 1
+) -> SfmResult:
+    """Copy what callers need out of a ``pycolmap.Reconstruction`` into plain numpy."""
+    cameras = {cid: _intrinsics(cam) for cid, cam in reconstruction.cameras.items()}
+    images = []
+    for image_id in reconstruction.reg_image_ids():
+        image = reconstruction.image(image_id)
+        pose = image.cam_from_world()  # a method in pycolmap >= 3.12 (rigs and frames)
+        rot = np.asarray(pose.rotation.matrix(), dtype=np.float64)
+        trans = np.asarray(pose.translation, dtype=np.float64).reshape(3)
+        images.append(
+            SfmImage(
+                name=str(image.name),
+                image_id=int(image_id),
+                camera_id=int(image.camera_id),
+                rotation=rot,
+                translation=trans,
+                center=-rot.T @ trans,
+                intrinsics=cameras[image.camera_id],
+            )
+        )
+    images.sort(key=lambda im: _natural_key(im.name))
+    points = list(reconstruction.points3D.values())
+    return SfmResult(
+        images=images,
+        total_images=total_images,
+        points_xyz=np.array([p.xyz for p in points], np.float32).reshape(-1, 3),
+        points_rgb=np.array([p.color for p in points], np.uint8).reshape(-1, 3),
+        points_error=np.array([p.error for p in points], np.float32),
+        points_track_length=np.array([p.track.length() for p in points], np.int32),
+        mean_reprojection_error=float(reconstruction.compute_mean_reprojection_error()),
+        model_dir=model_dir,
+        num_models=num_models,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Running SfM
+
+
+def _natural_key(name: str) -> list[int | str]:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def list_images(image_dir: Path) -> list[str]:
+    """The JPEG/PNG file names in ``image_dir``, in natural order (frame_2 before frame_10)."""
+    if not image_dir.is_dir():
+        return []
+    names = [
+        p.name for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    return sorted(names, key=_natural_key)
+
+
+def _default_threads() -> int:
+    # sched_getaffinity respects CPU pinning (containers), unlike os.cpu_count().
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _quiet_colmap_logging(pycolmap: Any, verbose: bool) -> None:
+    # glog's default writes a log file per process into /tmp; a worker logs to stderr only,
+    # and COLMAP's INFO lines (several per image) only when asked.
+    pycolmap.logging.logtostderr = True
+    pycolmap.logging.minloglevel = 0 if verbose else 1
+
+
+def _image_sizes(image_dir: Path, names: list[str]) -> set[tuple[int, int]]:
+    from PIL import Image
+
+    sizes = set()
+    for name in names:
+        with Image.open(image_dir / name) as img:  # reads the header only
+            sizes.add(img.size)
+    return sizes
+
+
+class _Progress:
+    """Maps SfM steps into the stage's 0-100 range; a no-op without a reporter."""
+
+    def __init__(self, reporter: ProgressReporter | None, stage: str) -> None:
+        self.reporter = reporter
+        self.stage = stage
+        self.best = 0.0
+
+    def __call__(
+        self, span: tuple[float, float], fraction: float, message: str, **extra: Any
+    ) -> None:
+        if self.reporter is None:
+            return
+        value = span[0] + (span[1] - span[0]) * min(1.0, max(0.0, fraction))
+        self.best = max(self.best, value)  # never go backwards (a second model restarts counts)
+        self.reporter.update(self.stage, self.best, message, **extra)
+
+
+def _diagnose(pycolmap: Any, database: Path, motion: bool = False) -> dict[str, float]:
+    """Numbers that explain a failure: features per image, verified image pairs and (with
+    ``motion``) the share of those pairs whose geometry shows no camera translation."""
+    with pycolmap.Database.open(str(database)) as db:
+        n_images = max(1, db.num_images())
+        # num_verified_image_pairs() counts every verification attempt, failed ones too;
+        # this lists only the pairs that kept inliers.
+        pair_ids, _ = db.read_two_view_geometry_num_inliers()
+        diag: dict[str, float] = {
+            "mean_features_per_image": round(db.num_keypoints() / n_images, 1),
+            "verified_pairs": len(pair_ids),
+        }
+        if motion and pair_ids:
+            # Pairs related by a homography of the whole view (a pure rotation) or by no
+            # motion at all (COLMAP calls a static match a watermark) cannot be triangulated.
+            config = pycolmap.TwoViewGeometryConfiguration
+            still = {
+                int(config.PANORAMIC),
+                int(config.PLANAR_OR_PANORAMIC),
+                int(config.WATERMARK),
+            }
+            _, geometries = db.read_two_view_geometries()
+            n_still = sum(int(g.config) in still for g in geometries)
+            diag["rotation_only_pair_fraction"] = round(n_still / max(1, len(geometries)), 3)
+    return diag
+
+
+def _failure_hint(diag: dict[str, float]) -> str:
+    if diag["mean_features_per_image"] < 100:
+        return f"{HINT_TEXTURE}; {HINT_CAPTURE}"
+    if diag.get("rotation_only_pair_fraction", 0.0) >= 0.8:
+        return f"{HINT_STILL}; {HINT_CAPTURE}"
+    return HINT_CAPTURE
+
+
+def _usable(model: Any) -> bool:
+    return model.num_points3D() >= max(MIN_POINTS, MIN_POINTS_PER_IMAGE * model.num_reg_images())
+
+
+def run_sfm(
+    image_dir: Path,
+    work_dir: Path,
+    *,
+    matching: Matching = "auto",
+    progress: ProgressReporter | None = None,
+    max_image_side: int = 1600,
+    max_features: int = 8192,
+    min_registered_fraction: float = 0.5,
+    camera_model: str = "SIMPLE_RADIAL",
+    single_camera: bool | None = None,
+    sequential_overlap: int = 10,
+    num_threads: int | None = None,
+    use_gpu: bool | None = None,
+    seed: int = 0,
+    stage: str = "running_colmap",
+    verbose: bool = False,
+) -> SfmResult:
+    """SIFT features -> matching -> incremental mapping on the images in ``image_dir``.
+
+    Writes only inside ``work_dir`` (``database.db`` and ``sparse/<i>/``); on failure those
+    are removed again (``work_dir`` itself stays, empty). Returns the largest usable model
+    (one with real structure: at least 50 points and 5 per image); raises `SfmFailed` with
+    a hint and the numbers behind it when no such model comes out or fewer than
+    ``min_registered_fraction`` of the images register in it.
+
+    * ``matching``: "sequential" (video: each frame against the next ``sequential_overlap``
+      ones, then quadratically further ones; loop detection off, which needs a vocabulary
+      tree file), "exhaustive" (every pair: small photo sets) or "auto" (exhaustive up to
+      40 images, else sequential).
+    * ``single_camera``: one camera (intrinsics) shared by all images, right for video;
+      None picks it when all images have the same size. Pass False for photos taken with
+      different cameras or zoom settings.
+    * ``camera_model``: COLMAP model name; SIMPLE_RADIAL (f, cx, cy, k) suits most phone
+      footage, PINHOLE skips distortion.
+    """
+    import pycolmap
+
+    started = time.perf_counter()
+    image_dir, work_dir = Path(image_dir), Path(work_dir)
+    names = list_images(image_dir)
+    total = len(names)
+    if total < MIN_IMAGES:
+        raise SfmFailed(
+            f"only {total} frame(s) to reconstruct from: {HINT_TOO_FEW}",
+            registered=0,
+            total=total,
+        )
+    if matching not in ("sequential", "exhaustive", "auto"):
+        raise ValueError(f"matching must be sequential, exhaustive or auto, got {matching!r}")
+    mode = matching
+    if mode == "auto":
+        mode = "exhaustive" if total <= EXHAUSTIVE_MAX_IMAGES else "sequential"
+    if single_camera is None:
+        single_camera = len(_image_sizes(image_dir, names)) == 1
+    threads = num_threads or _default_threads()
+    gpu = pycolmap.has_cuda if use_gpu is None else (use_gpu and pycolmap.has_cuda)
+    if use_gpu and not pycolmap.has_cuda:
+        log.warning("pycolmap was built without CUDA; SIFT runs on the CPU")
+    device = pycolmap.Device.cuda if gpu else pycolmap.Device.cpu
+    report = _Progress(progress, stage)
+    timings: dict[str, float] = {}
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    database, sparse = work_dir / "database.db", work_dir / "sparse"
+    # A database from an earlier run would make COLMAP skip the images it already holds.
+    _remove(database, sparse)
+    _quiet_colmap_logging(pycolmap, verbose)
+    pycolmap.set_random_seed(seed)
+    try:
+        # 1. Features, in chunks so a long extraction reports progress; later chunks reuse
+        #    the first chunk's camera when all images share one.
+        t0 = time.perf_counter()
+        reader = pycolmap.ImageReaderOptions()
+        reader.camera_model = camera_model
+        extraction = pycolmap.FeatureExtractionOptions()
+        extraction.num_threads = threads
+        extraction.max_image_size = max_image_side
+        extraction.use_gpu = gpu
+        extraction.sift.max_num_features = max_features
+        camera_mode = pycolmap.CameraMode.SINGLE if single_camera else pycolmap.CameraMode.PER_IMAGE
+        chunk = max(8, -(-total // 10))
+        report(_EXTRACT_SPAN, 0.0, f"extracting features from {total} images", sfm_step="features")
+        for start in range(0, total, chunk):
+            pycolmap.extract_features(
+                database,
+                image_dir,
+                image_names=names[start : start + chunk],
+                camera_mode=camera_mode,
+                reader_options=reader,
+                extraction_options=extraction,
+                device=device,
+            )
+            if single_camera and start == 0:
+                with pycolmap.Database.open(str(database)) as db:
+                    reader.existing_camera_id = db.read_all_cameras()[0].camera_id
+            done = min(total, start + chunk)
+            report(
+                _EXTRACT_SPAN, done / total, f"features: {done}/{total} images", sfm_step="features"
+            )
+        timings["extract"] = (time.perf_counter() - t0) * 1000
+        diag = _diagnose(pycolmap, database)
+        if diag["mean_features_per_image"] < 1:
+            raise SfmFailed(
+                f"no features found in {total} frames: {HINT_TEXTURE}; {HINT_CAPTURE}",
+                registered=0,
+                total=total,
+                **diag,
+            )
+
+        # 2. Matching with geometric verification.
+        t0 = time.perf_counter()
+        report(_MATCH_SPAN, 0.0, f"matching features ({mode})", sfm_step="matching")
+        match_options = pycolmap.FeatureMatchingOptions()
+        match_options.num_threads = threads
+        match_options.use_gpu = gpu
+        verification = pycolmap.TwoViewGeometryOptions()
+        verification.ransac.random_seed = seed
+        if mode == "sequential":
+            pairing = pycolmap.SequentialPairingOptions()
+            pairing.overlap = sequential_overlap
+            pairing.quadratic_overlap = True  # also i + 2^k, k < overlap: re-finds far views
+            pairing.loop_detection = False  # needs a vocabulary tree file we do not ship
+            pairing.num_threads = threads
+            pycolmap.match_sequential(
+                database,
+                matching_options=match_options,
+                pairing_options=pairing,
+                verification_options=verification,
+                device=device,
+            )
+        else:
+            pycolmap.match_exhaustive(
+                database,
+                matching_options=match_options,
+                verification_options=verification,
+                device=device,
+            )
+        timings["match"] = (time.perf_counter() - t0) * 1000
+        diag = _diagnose(pycolmap, database)
+        if diag["verified_pairs"] == 0:  # mapping cannot start: say so without trying
+            raise SfmFailed(
+                f"no two of the {total} frames could be matched "
+                f"({diag['mean_features_per_image']:.0f} features per frame): "
+                f"{_failure_hint(diag)}",
+                registered=0,
+                total=total,
+                models=0,
+                **diag,
+            )
+        report(
+            _MATCH_SPAN, 1.0, f"{diag['verified_pairs']} image pairs matched", sfm_step="matching"
+        )
+
+        # 3. Incremental mapping; progress per registered image through COLMAP's callbacks.
+        t0 = time.perf_counter()
+        options = pycolmap.IncrementalPipelineOptions()
+        options.num_threads = threads
+        options.random_seed = seed
+        options.mapper.num_threads = threads
+        options.mapper.random_seed = seed
+        options.triangulation.random_seed = seed
+        # Keep small models too (default 10), so a failure can say how many registered.
+        options.min_model_size = MIN_IMAGES
+        registered = [0]
+
+        def on_initial_pair() -> None:
+            registered[0] = 2
+            report(_MAP_SPAN, 2 / total, f"registered 2/{total} images", sfm_step="mapping")
+
+        def on_next_image() -> None:
+            registered[0] += 1
+            n = min(registered[0], total)
+            report(_MAP_SPAN, n / total, f"registered {n}/{total} images", sfm_step="mapping")
+
+        report(_MAP_SPAN, 0.0, "finding an initial image pair", sfm_step="mapping")
+        sparse.mkdir()
+        models: dict[int, Any] = pycolmap.incremental_mapping(
+            database,
+            image_dir,
+            sparse,
+            options,
+            initial_image_pair_callback=on_initial_pair,
+            next_image_callback=on_next_image,
+        )
+        timings["map"] = (time.perf_counter() - t0) * 1000
+
+        # The largest usable model: most registered images, then most points. A model with
+        # almost no points is degenerate (e.g. a camera that only turns registers frames on
+        # rotation alone), however many frames it holds.
+        usable = {i: m for i, m in models.items() if _usable(m)}
+        best_index, best = max(
+            usable.items(),
+            key=lambda kv: (kv[1].num_reg_images(), kv[1].num_points3D()),
+            default=(-1, None),
+        )
+        n_reg = best.num_reg_images() if best is not None else 0
+        if n_reg < max(MIN_IMAGES, min_registered_fraction * total):
+            diag = _diagnose(pycolmap, database, motion=True)
+            if best is not None:
+                split = f", split into {len(models)} models" if len(models) > 1 else ""
+                what = f"only {n_reg} of {total} frames registered{split}"
+            elif models:
+                largest = max(models.values(), key=lambda m: m.num_reg_images())
+                what = (
+                    f"no usable 3D model from {total} frames (the largest registered "
+                    f"{largest.num_reg_images()} frames but triangulated only "
+                    f"{largest.num_points3D()} point(s))"
+                )
+            else:
+                what = f"no 3D model could be built from {total} frames"
+            raise SfmFailed(
+                f"{what} ({diag['mean_features_per_image']:.0f} features per frame, "
+                f"{diag['verified_pairs']} matched pairs): {_failure_hint(diag)}",
+                registered=n_reg,
+                total=total,
+                models=len(models),
+                **diag,
+            )
+        model_dir = sparse / str(best_index)
+        if not (model_dir / "images.bin").exists():  # write it if COLMAP did not
+            model_dir.mkdir(parents=True, exist_ok=True)
+            best.write(model_dir)
+        result = result_from_reconstruction(best, total, model_dir, num_models=len(models))
+    except BaseException:
+        _remove(database, sparse)  # nothing half-made stays behind
+        raise
+    timings["total"] = (time.perf_counter() - started) * 1000
+    result.timings_ms = {k: round(v, 1) for k, v in timings.items()}
+    report(
+        _MAP_SPAN,
+        1.0,
+        f"registered {result.num_registered}/{total} images, {result.num_points} points",
+        sfm_step="done",
+    )
+    return result
+
+
+def _remove(*paths: Path) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+    # SQLite may leave its journal files next to the database.
+    for path in paths:
+        for extra in (
+            path.with_name(path.name + "-journal"),
+            path.with_name(path.name + "-wal"),
+            path.with_name(path.name + "-shm"),
+        ):
+            if extra.exists():
+                extra.unlink()
+
+
+def undistort_to_pinhole(
+    result: SfmResult,
+    image_dir: Path,
+    out_dir: Path,
+    *,
+    max_image_side: int | None = None,
+    num_threads: int | None = None,
+) -> SfmResult:
+    """Undistorted copies of the registered images and a PINHOLE model, as 3DGS trainers
+    (gsplat, INRIA) expect: ``out_dir/images/<name>`` and ``out_dir/sparse/`` (COLMAP
+    binary). Poses are unchanged; intrinsics become pinhole, the image size may change."""
+    import pycolmap
+
+    if result.model_dir is None:
+        raise ValueError("the result has no model_dir to undistort")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    options = pycolmap.UndistortCameraOptions()
+    if max_image_side:
+        options.max_image_size = max_image_side
+    pycolmap.undistort_images(
+        out_dir,
+        result.model_dir,
+        Path(image_dir),
+        image_names=result.registered_names,
+        output_type="COLMAP",
+        undistort_options=options,
+        num_threads=num_threads or _default_threads(),
+    )
+    reconstruction = pycolmap.Reconstruction(out_dir / "sparse")
+    undistorted = result_from_reconstruction(
+        reconstruction, result.total_images, out_dir / "sparse", result.num_models
+    )
+    undistorted.timings_ms = dict(result.timings_ms)
+    return undistorted
+
+
+# --------------------------------------------------------------------------------------------
+# Camera files for splat trainers
+
+# OpenCV camera axes (x right, y down, z forward) to OpenGL's (x right, y up, z backward):
+# flip the camera's y and z axes, i.e. right-multiply camera-to-world by diag(1, -1, -1, 1).
+CV_TO_GL = np.diag([1.0, -1.0, -1.0, 1.0])
+
+
+def _camera_entry(cam: CameraIntrinsics) -> dict[str, Any]:
+    return {
+        "fl_x": cam.fx,
+        "fl_y": cam.fy,
+        "cx": cam.cx,
+        "cy": cam.cy,
+        "w": cam.width,
+        "h": cam.height,
+        "camera_model": "OPENCV",
+        **cam.distortion(),
+    }
+
+
+def to_transforms_json(
+    result: SfmResult, *, image_prefix: str = "images/", ply_file_path: str | None = None
+) -> dict[str, Any]:
+    """nerfstudio / instant-ngp ``transforms.json``.
+
+    ``transform_matrix`` is camera-to-world in the OpenGL camera convention nerfstudio reads:
+    ``[R^T | C] @ diag(1, -1, -1, 1)``, i.e. COLMAP's camera-to-world with the camera's y and
+    z axes negated. The world frame is COLMAP's, unchanged, so ``applied_transform`` (which
+    nerfstudio applies to ``ply_file_path`` points) is the identity: COLMAP points can be
+    used as they are. (nerfstudio's own ``colmap_to_json`` additionally swaps world x/y and
+    negates z, recording that swap in ``applied_transform``; either is self-consistent.)
+    Intrinsics go at the top level when one camera is shared, else into each frame.
+    """
+    cameras = {im.camera_id: im.intrinsics for im in result.images}
+    shared = len(cameras) == 1
+    out: dict[str, Any] = {}
+    if shared:
+        out.update(_camera_entry(next(iter(cameras.values()))))
+    frames = []
+    for image in result.images:
+        frame: dict[str, Any] = {
+            "file_path": f"{image_prefix}{image.name}",
+            "transform_matrix": (image.camera_to_world @ CV_TO_GL).tolist(),
+            "colmap_im_id": image.image_id,
+        }
+        if not shared:
+            frame.update(_camera_entry(image.intrinsics))
+        frames.append(frame)
+    out["frames"] = frames
+    out["applied_transform"] = np.eye(4)[:3].tolist()
+    if ply_file_path:
+        out["ply_file_path"] = ply_file_path
+    return out
+
+
+def to_cameras_json(result: SfmResult) -> list[dict[str, Any]]:
+    """The INRIA 3DGS ``cameras.json``: per camera ``position`` (the centre C) and
+    ``rotation`` (3x3 camera-to-world, R^T, OpenCV camera axes), ``fx``/``fy`` in pixels,
+    and ``img_name`` without extension, as ``camera_to_JSON`` in the INRIA code writes."""
+    return [
+        {
+            "id": i,
+            "img_name": Path(image.name).stem,
+            "width": image.intrinsics.width,
+            "height": image.intrinsics.height,
+            "position": image.center.tolist(),
+            "rotation": image.rotation.T.tolist(),
+            "fx": image.intrinsics.fx,
+            "fy": image.intrinsics.fy,
+        }
+        for i, image in enumerate(result.images)
+    ]
+
+
+def camera_to_world_from_transforms(matrix: Any) -> np.ndarray:
+    """Inverse of the transforms.json convention: OpenGL camera-to-world back to OpenCV."""
+    return np.asarray(matrix, dtype=np.float64) @ CV_TO_GL
