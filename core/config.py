@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     max_input_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(default=64_000_000, ge=1)
     max_batch_images: int = Field(default=16, ge=1)
+    splat_max_input_bytes: int = Field(default=2 * 1024**3, ge=1)
+    """Cap on a splat job's video, zip or each photo (they are larger than images)."""
+    work_dir: Path | None = None
+    """Where jobs keep their temporary files (removed after each job); default: the system's."""
     allow_private_urls: bool = False
     fetch_timeout_s: float = Field(default=30.0, gt=0)
     fetch_retries: int = Field(default=3, ge=0, le=10)

@@ -98,7 +98,7 @@ def run_infer_job(job: dict[str, Any], sink: ProgressSink | None = None) -> dict
     timings["total"] = round((time.perf_counter() - started) * 1000, 2)
     result.setdefault("device", worker_device())
     if settings.result_path:
-        _write_result(settings, result)
+        write_result_file(settings, result)
     return result
 
 
@@ -213,7 +213,8 @@ def _attach_media(
                 task_request.images = list(pool.map(decode, zip(refs, payloads, strict=True)))
 
 
-def _write_result(settings: Settings, result: dict[str, Any]) -> None:
+def write_result_file(settings: Settings, result: dict[str, Any]) -> None:
+    """RESULT_PATH: the whole result as JSON (the SDK's local log cuts it at 4 KB)."""
     try:
         path = settings.result_path
         assert path is not None

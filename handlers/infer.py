@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.config import get_settings
 from core.errors import WorkerError
-from core.jobs import configure_logging, preload, run_infer_job
+from core.jobs import configure_logging, preload, run_infer_job, worker_device
+from core.tasks import load_all
 
 log = logging.getLogger("worker")
 
@@ -27,6 +28,8 @@ def main() -> None:
     configure_logging()
     started = time.perf_counter()
     spec = get_settings().preload_models
+    log.info("device: %s", worker_device())  # also imports torch now, not in the first job
+    load_all()
     try:
         models = preload(spec)
     except WorkerError as exc:

@@ -142,10 +142,17 @@ def predict(loaded: LoadedModel, request: TaskRequest, ctx: JobContext, **extra:
             classes=class_ids(options.classes, names),
             agnostic_nms=options.agnostic_nms,
             device=ctx.device,
-            half=ctx.settings.half_precision and ctx.device.startswith("cuda"),
             verbose=False,
+            **half_precision(ctx),
             **extra,
         )
+
+
+def half_precision(ctx: JobContext) -> dict[str, Any]:
+    # Only named on CUDA: Ultralytics warns about the argument wherever it is given.
+    if ctx.settings.half_precision and ctx.device.startswith("cuda"):
+        return {"half": True}
+    return {}
 
 
 def to_detections(
