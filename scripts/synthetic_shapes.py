@@ -147,6 +147,8 @@ def render_scene(
     height: int = 240,
     min_shapes: int = 1,
     max_shapes: int = 4,
+    *,
+    size_range: tuple[float, float] = (0.12, 0.40),
 ) -> tuple[np.ndarray, list[Shape]]:
     """Render a deterministic scene for ``seed``.
 
@@ -154,11 +156,15 @@ def render_scene(
     Shapes are solid, mutually non-overlapping (boxes separated by a margin), fully
     inside the image and roughly 12%-40% of the short image side in size. Each
     ``Shape.box`` is the tight box of its mask: ``(min_x, min_y, max_x + 1, max_y + 1)``.
+    ``size_range`` (fractions of the short side) is only widened for training data.
     """
     if not 1 <= min_shapes <= max_shapes:
         raise ValueError("need 1 <= min_shapes <= max_shapes")
     if width < 32 or height < 32:
         raise ValueError("scene must be at least 32x32 pixels")
+    low, high = size_range
+    if not 0.0 < low <= high < 1.0:
+        raise ValueError("size_range must satisfy 0 < low <= high < 1")
     rng = np.random.default_rng(seed)
     image, background = _background(rng, width, height)
     short = min(width, height)
@@ -172,8 +178,9 @@ def render_scene(
         attempts = _REQUIRED_ATTEMPTS if required else _OPTIONAL_ATTEMPTS
         for attempt in range(attempts):
             class_id = int(rng.integers(0, len(CLASS_NAMES)))
-            high = 0.40 if attempt < attempts // 2 else 0.20  # shrink when the scene is crowded
-            size = rng.uniform(0.12, high) * short
+            # shrink towards the small end when the scene is crowded
+            top = high if attempt < attempts // 2 else low + 0.25 * (high - low)
+            size = rng.uniform(low, top) * short
             mask = _shape_mask(rng, class_id, size, width, height, border)
             if mask is None:
                 continue

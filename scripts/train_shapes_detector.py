@@ -38,16 +38,22 @@ from scripts.synthetic_shapes import CLASS_NAMES, Shape, render_scene
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "weights" / "shapes-yolo11.pt"
 IOU_THRESHOLD = 0.7
+DEFAULT_SIZE_RANGE = (0.12, 0.40)  # render_scene's default: shape size / short image side
+LARGE_SIZE_RANGE = (0.25, 0.70)
 
 # Scene sizes (w, h) used for training/validation; letterboxing maps them all to imgsz.
+# The large ones matter: downscaled, their background texture is much smoother, and
+# without them the detector hallucinates big squares in flat areas of 1280x720 scenes.
 TRAIN_SIZES: tuple[tuple[int, int], ...] = (
-    (320, 240),
     (320, 240),
     (320, 240),
     (384, 288),
     (320, 180),
     (256, 320),
     (288, 288),
+    (640, 480),
+    (960, 540),
+    (1280, 720),
 )
 
 # YOLO11 layout (ultralytics cfg/models/11/yolo11.yaml) with a much smaller scale.
@@ -112,14 +118,22 @@ def _yolo_label_lines(shapes: Sequence[Shape], width: int, height: int) -> list[
     return lines
 
 
-def write_dataset(root: Path, split: str, seeds: Sequence[int]) -> None:
-    """Render ``seeds`` into ``root/images/<split>`` + ``root/labels/<split>`` (YOLO format)."""
+def write_dataset(
+    root: Path, split: str, seeds: Sequence[int], large_fraction: float = 0.0
+) -> None:
+    """Render ``seeds`` into ``root/images/<split>`` + ``root/labels/<split>`` (YOLO format).
+
+    A ``large_fraction`` of the scenes use ``LARGE_SIZE_RANGE`` so that the detector also
+    sees shapes as big (in network-input pixels) as 640x480 scenes predicted at imgsz 640.
+    """
     image_dir, label_dir = root / "images" / split, root / "labels" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         width, height = TRAIN_SIZES[seed % len(TRAIN_SIZES)]
-        image, shapes = render_scene(seed, width, height)
+        large = int((i + 1) * large_fraction) > int(i * large_fraction)  # evenly interleaved
+        size_range = LARGE_SIZE_RANGE if large else DEFAULT_SIZE_RANGE
+        image, shapes = render_scene(seed, width, height, size_range=size_range)
         cv2.imwrite(str(image_dir / f"{seed}.png"), image)
         (label_dir / f"{seed}.txt").write_text("\n".join(_yolo_label_lines(shapes, width, height)))
 
@@ -199,8 +213,10 @@ def train(args: argparse.Namespace, workdir: Path) -> tuple[Path, float]:
     base = args.seed * 10_000_000
     data_root = workdir / "data"
     start = time.perf_counter()
-    write_dataset(data_root, "train", range(base + 1_000_000, base + 1_000_000 + args.train_images))
-    write_dataset(data_root, "val", range(base + 2_000_000, base + 2_000_000 + args.val_images))
+    train_seeds = range(base + 1_000_000, base + 1_000_000 + args.train_images)
+    val_seeds = range(base + 2_000_000, base + 2_000_000 + args.val_images)
+    write_dataset(data_root, "train", train_seeds, args.large_fraction)
+    write_dataset(data_root, "val", val_seeds, args.large_fraction)
     names = "\n".join(f"  {i}: {name}" for i, name in enumerate(CLASS_NAMES))
     data_yaml = workdir / "shapes.yaml"
     data_yaml.write_text(
@@ -219,17 +235,31 @@ def train(args: argparse.Namespace, workdir: Path) -> tuple[Path, float]:
     )
     model = YOLO(str(model_yaml), task="detect")
     start = time.perf_counter()
+
+    def _epoch_end(trainer: Any) -> None:
+        if trainer.epoch >= trainer.epochs:  # the final re-validation of best.pt
+            return
+        metrics = trainer.metrics or {}
+        _log(
+            f"epoch {trainer.epoch + 1}/{trainer.epochs} "
+            f"mAP50={metrics.get('metrics/mAP50(B)', 0.0):.3f} "
+            f"mAP50-95={metrics.get('metrics/mAP50-95(B)', 0.0):.3f} "
+            f"({time.perf_counter() - start:.0f}s)"
+        )
+
+    model.add_callback("on_fit_epoch_end", _epoch_end)
     model.train(
         data=str(data_yaml),
         epochs=args.epochs,
         imgsz=args.imgsz,
         batch=args.batch,
+        nbs=args.nbs or args.batch,  # nominal batch = batch: an optimizer step every batch
         device="cpu",
         workers=args.workers,
         amp=False,  # no AMP check (it would fetch yolo11n.pt)
         plots=False,  # no plots (they would fetch Arial.ttf)
         val=True,
-        cache="ram",
+        cache="disk",  # cache="ram" is flagged as non-deterministic by ultralytics
         seed=args.seed,
         deterministic=True,
         project=str(workdir / "runs"),
@@ -240,6 +270,7 @@ def train(args: argparse.Namespace, workdir: Path) -> tuple[Path, float]:
         mosaic=args.mosaic,
         close_mosaic=args.close_mosaic,
         scale=args.scale,
+        cls=args.cls,
         patience=args.epochs,
         verbose=False,
     )
@@ -253,9 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint path")
     parser.add_argument("--train-images", type=int, default=600)
     parser.add_argument("--val-images", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=18)
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument(
+        "--nbs", type=int, default=0, help="nominal batch size (default: --batch, no accumulation)"
+    )
+    parser.add_argument("--cls", type=float, default=0.5, help="classification loss gain")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--depth", type=float, default=0.25, help="YOLO depth multiple")
     parser.add_argument("--width", type=float, default=0.125, help="YOLO width multiple")
@@ -264,20 +299,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--optimizer", default="AdamW")
     parser.add_argument("--lr0", type=float, default=0.003)
     parser.add_argument("--mosaic", type=float, default=1.0)
-    parser.add_argument("--close-mosaic", type=int, default=10)
+    parser.add_argument("--close-mosaic", type=int, default=5)
     parser.add_argument("--scale", type=float, default=0.5, help="random scale augmentation")
     parser.add_argument("--eval-images", type=int, default=200, help="held-out scenes per size")
     parser.add_argument(
-        "--eval-imgsz",
-        type=int,
+        "--large-fraction", type=float, default=0.5, help="share of scenes with large shapes"
+    )
+    parser.add_argument(
+        "--eval",
         nargs="*",
-        default=[320, 640],
-        help="evaluate at these imgsz on scenes of imgsz x imgsz*3/4",
+        default=["320@320x240", "640@640x480", "640@1280x720"],
+        metavar="IMGSZ@WxH",
+        help="held-out evaluations: predict at IMGSZ on W x H scenes",
     )
     parser.add_argument("--eval-only", action="store_true", help="only evaluate --out")
+    parser.add_argument("--verbose", action="store_true", help="full ultralytics logging")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the temp dataset/runs")
     args = parser.parse_args(argv)
 
+    if not args.verbose:  # before the first ultralytics import: silence its per-batch logging
+        os.environ.setdefault("YOLO_VERBOSE", "False")
     _disable_font_download()
     from ultralytics import YOLO
     from ultralytics.utils.torch_utils import strip_optimizer
@@ -302,9 +343,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if model.names != expected:
         raise SystemExit(f"unexpected class names {model.names} != {expected}")
     base = args.seed * 10_000_000 + 3_000_000
-    for imgsz in args.eval_imgsz:
-        seeds = range(base + imgsz * 1000, base + imgsz * 1000 + args.eval_images)
-        metrics = evaluate(model, seeds, imgsz, imgsz * 3 // 4, imgsz)
+    for spec in args.eval:
+        imgsz_text, _, scene = spec.partition("@")
+        imgsz = int(imgsz_text)
+        width, height = (int(v) for v in scene.lower().split("x"))
+        seeds = range(base + width * 1000, base + width * 1000 + args.eval_images)
+        metrics = evaluate(model, seeds, width, height, imgsz)
         metrics["train_seconds"] = None if train_seconds is None else round(train_seconds, 1)
         metrics["checkpoint_bytes"] = out.stat().st_size
         print(json.dumps(metrics), flush=True)
