@@ -2,12 +2,17 @@
 PY := .venv/bin/python
 export YOLO_CONFIG_DIR ?= $(CURDIR)/.venv/ultralytics-config
 
-.PHONY: setup run test lint bench
+.PHONY: setup run run-splat test lint bench
 setup:
 	./scripts/setup.sh
 
 run: setup
 	$(PY) handlers/infer.py
+
+# The splat worker on examples/splat/test_input.json (the SDK reads test_input.json from the
+# working directory): a synthetic orbit video -> SfM -> a short CPU training run.
+run-splat: setup
+	cd examples/splat && ../../$(PY) ../../handlers/splat.py
 
 test: setup
 	$(PY) -m pytest -q

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(default=16, ge=1)
     splat_max_input_bytes: int = Field(default=2 * 1024**3, ge=1)
     """Cap on a splat job's video, zip or each photo (they are larger than images)."""
+    cpu_max_gaussians: int = Field(default=20_000, ge=1_000)
+    """On CPU the splat's Gaussian count is capped here (steps slow down with the count)."""
     work_dir: Path | None = None
     """Where jobs keep their temporary files (removed after each job); default: the system's."""
     allow_private_urls: bool = False

@@ -14,7 +14,7 @@ import io
 import math
 import re
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -270,7 +270,7 @@ def photos_from_zip(
 
 
 def write_frames(
-    frames: Sequence[VideoFrame | np.ndarray],
+    frames: Iterable[VideoFrame | np.ndarray],
     folder: str | Path,
     *,
     ext: str = "jpg",

@@ -1,0 +1,368 @@
+"""The splat job: input -> frames -> SfM (pycolmap) -> train -> export -> upload, with progress.
+
+Stages, in order, as progress `stage`s: downloading_video (downloading_images for photo
+sets), extracting_frames, running_colmap, training, exporting, uploading. Job files live in
+one temporary folder that is removed whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+from core.config import Settings, get_settings
+from core.encode import image_to_jpeg
+from core.errors import InvalidInput, error_result
+from core.jobs import Timings, worker_device, write_result_file
+from core.payload import load_payload
+from core.progress import ProgressReporter, ProgressSink
+from core.splat import export
+from core.splat.frames import iter_sharp_frames, load_photos, photos_from_zip, write_frames
+from core.splat.schema import SplatRequest
+from core.splat.sfm import (
+    SfmResult,
+    run_sfm,
+    to_cameras_json,
+    to_transforms_json,
+    undistort_to_pinhole,
+)
+from core.storage import ArtifactStore, BucketTarget
+
+log = logging.getLogger("worker.splat")
+
+ShouldStop = Callable[[], bool]
+
+
+def run_splat_job(
+    job: dict[str, Any], sink: ProgressSink | None = None, should_stop: ShouldStop | None = None
+) -> dict[str, Any]:
+    """Run one splat job; never raises. Errors come back as `error`/`error_code` results."""
+    settings = get_settings()
+    job_id = str(job.get("id", "local"))
+    started = time.perf_counter()
+    progress = ProgressReporter(job, sink, settings.progress_min_interval_s)
+    timings = Timings()
+    work = Path(tempfile.mkdtemp(prefix="splat-", dir=settings.work_dir))
+    try:
+        result = _run(job, settings, progress, timings, work, should_stop)
+    except Exception as exc:  # the one place every failure becomes a result
+        result = error_result(exc, job_id)
+        result["timings_ms"] = timings.as_dict()
+    finally:
+        progress.close()
+        shutil.rmtree(work, ignore_errors=True)
+    result["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000, 2)
+    result.setdefault("device", worker_device())
+    if settings.result_path:
+        write_result_file(settings, result)
+    return result
+
+
+def _run(
+    job: dict[str, Any],
+    settings: Settings,
+    progress: ProgressReporter,
+    timings: Timings,
+    work: Path,
+    should_stop: ShouldStop | None,
+) -> dict[str, Any]:
+    raw = job.get("input")
+    if not isinstance(raw, dict):
+        raise InvalidInput("the job's input must be a JSON object with `video`, `images` or `zip`")
+    request = SplatRequest.model_validate(raw)
+    warnings = [f"{name} is not a known input field" for name in request.unknown_fields()]
+    kind, source = request.source()
+    params = request.resolved()
+    bucket = BucketTarget.from_job(job.get("s3Config"), settings) or BucketTarget.from_settings(
+        settings
+    )
+    store = ArtifactStore(settings, request.task_id or str(job.get("id", "local")), bucket)
+    # Fail before hours of work, not after: a trained splat needs somewhere to go.
+    if store.mode == "inline" and request.task == "splat":
+        log.warning("no bucket and no OUTPUT_DIR: artifacts must fit INLINE_MAX_BYTES")
+
+    frames_dir = work / "frames"
+    with timings.measure("download"):
+        progress.update("downloading_video" if kind == "video" else "downloading_images", 0)
+        fetched = _fetch(kind, source, settings, bucket)
+    with timings.measure("frames"):
+        progress.update("extracting_frames", 0)
+        names = _extract_frames(kind, fetched, request, params, frames_dir, progress)
+    with timings.measure("sfm"):
+        progress.update("running_colmap", 0, f"{len(names)} frames")
+        sfm = run_sfm(
+            frames_dir,
+            work / "sfm",
+            matching=request.matching,
+            progress=progress,
+            max_image_side=request.max_side,
+            single_camera=kind == "video",
+        )
+    result: dict[str, Any] = {
+        "task": request.task,
+        "frames": {"selected": len(names), **_fps(kind, params)},
+    }
+    result["sfm"] = sfm.stats()
+    if request.task_id:
+        result["task_id"] = request.task_id
+
+    files: list[tuple[str, Path]] = []
+    out = work / "out"
+    out.mkdir()
+    if request.task == "sfm":
+        with timings.measure("export"):
+            progress.update("exporting", 0)
+            files = _export_cameras(sfm, out) + _export_sfm(sfm, out)
+    else:
+        device = worker_device()
+        with timings.measure("undistort"):
+            pinhole = undistort_to_pinhole(sfm, frames_dir, work / "undistorted")
+        with timings.measure("training"):
+            trained, training = _train(
+                pinhole,
+                work / "undistorted" / "images",
+                request,
+                params,
+                device,
+                progress,
+                should_stop,
+                settings,
+                warnings,
+            )
+        result["training"] = training
+        with timings.measure("export"):
+            progress.update("exporting", 0)
+            files = _export_cameras(pinhole, out) + _export_splat(
+                trained, pinhole, request, out, device
+            )
+    with timings.measure("upload"):
+        artifacts = []
+        for i, (name, path) in enumerate(files):
+            progress.update("uploading", 100 * i / len(files), name)
+            artifacts.append(store.put(name, path))
+    result["artifacts"] = artifacts
+    result["timings_ms"] = timings.as_dict()
+    result["device"] = worker_device()
+    if warnings:
+        result["warnings"] = warnings
+    return result
+
+
+def _fps(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    return {"fps": params["fps"]} if kind == "video" else {}
+
+
+def _fetch(kind: str, source: Any, settings: Settings, bucket: BucketTarget | None) -> Any:
+    limits = settings.model_copy(update={"max_input_bytes": settings.splat_max_input_bytes})
+    if kind == "images":
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            return list(
+                pool.map(
+                    lambda item: (
+                        load_payload(
+                            item[1], limits, field=f"images[{item[0]}]", bucket=bucket
+                        ).data
+                    ),
+                    enumerate(source),
+                )
+            )
+    return load_payload(source, limits, field=kind, bucket=bucket).data
+
+
+def _extract_frames(
+    kind: str,
+    fetched: Any,
+    request: SplatRequest,
+    params: dict[str, Any],
+    frames_dir: Path,
+    progress: ProgressReporter,
+) -> list[str]:
+    if kind == "video":
+        frames = iter_sharp_frames(
+            fetched,
+            fps=params["fps"],
+            start_sec=request.start_sec,
+            end_sec=request.end_sec,
+            max_side=request.max_side,
+            max_frames=request.max_frames,
+        )
+
+        def counted() -> Any:
+            for i, frame in enumerate(frames):
+                progress.update(
+                    "extracting_frames", min(99.0, 100 * i / request.max_frames), f"frame {i + 1}"
+                )
+                yield frame
+
+        names = write_frames(counted(), frames_dir)
+    else:
+        photos = (
+            load_photos(fetched, request.max_side)
+            if kind == "images"
+            else photos_from_zip(fetched, request.max_side)
+        )
+        names = write_frames(photos, frames_dir)
+    if len(names) < 2:
+        from core.errors import SfmFailed
+
+        raise SfmFailed(
+            f"only {len(names)} frame(s) to work with; send a longer clip, a higher fps "
+            "or more photos"
+        )
+    return names
+
+
+def _train(
+    sfm: SfmResult,
+    image_dir: Path,
+    request: SplatRequest,
+    params: dict[str, Any],
+    device: str,
+    progress: ProgressReporter,
+    should_stop: ShouldStop | None,
+    settings: Settings,
+    warnings: list[str],
+) -> tuple[Any, dict[str, Any]]:
+    from core.splat import train
+
+    max_side = request.train_max_side or (request.max_side if device.startswith("cuda") else 320)
+    views = train.load_training_views(sfm, image_dir, max_side)
+    gaussians = train.Gaussians.init_from_points(
+        sfm.points_xyz, sfm.points_rgb, request.sh_degree, device=device
+    )
+    total = params["iterations"]
+    if not device.startswith("cuda") and params["max_gaussians"] > settings.cpu_max_gaussians:
+        warnings.append(
+            f"max_gaussians {params['max_gaussians']} capped at {settings.cpu_max_gaussians} on "
+            "CPU (CPU_MAX_GAUSSIANS)"
+        )
+        params = {**params, "max_gaussians": settings.cpu_max_gaussians}
+    options = {
+        "max_gaussians": params["max_gaussians"],
+        "sh_degree": request.sh_degree,
+        "device": device,
+    }
+    # gsplat's schedule is made for 30k steps; shorter runs get it compressed to fit.
+    if total >= 15_000:
+        config = train.TrainConfig(iterations=total, **options)
+    else:
+        config = train.TrainConfig.for_short_run(total, **options)
+
+    def on_step(step: int, _total: int, loss: float) -> None:
+        progress.update(
+            "training", 100 * step / total, f"step {step}/{total}", step=step, loss=round(loss, 5)
+        )
+
+    outcome = train.train(gaussians, views, config, on_step=on_step, should_stop=should_stop)
+    stats = {
+        "iterations": outcome.steps,
+        "stopped": outcome.stopped,
+        "gaussians": outcome.num_gaussians,
+        "psnr_start": round(outcome.psnr_start, 3),
+        "psnr": round(outcome.psnr_end, 3),
+        "ssim_start": round(outcome.ssim_start, 4),
+        "ssim": round(outcome.ssim_end, 4),
+        "evaluated_on": outcome.eval_on,
+        "train_views": outcome.num_train_views,
+        "eval_views": outcome.num_eval_views,
+        "densification": outcome.densification,
+        "final_loss": round(outcome.final_loss, 5),
+        "resolution_max_side": max_side,
+    }
+    return outcome, stats
+
+
+def _export_cameras(sfm: SfmResult, out: Path) -> list[tuple[str, Path]]:
+    files = []
+    for name, content in (
+        ("cameras.json", to_cameras_json(sfm)),
+        ("transforms.json", to_transforms_json(sfm)),
+    ):
+        path = out / name
+        path.write_text(json.dumps(content, indent=1))
+        files.append((name, path))
+    return files
+
+
+def _export_sfm(sfm: SfmResult, out: Path) -> list[tuple[str, Path]]:
+    points = out / "points.ply"
+    export.write_rgb_ply(points, sfm.points_xyz, sfm.points_rgb)
+    files = [("points.ply", points)]
+    if sfm.model_dir is not None:
+        archive = out / "colmap_sparse.zip"
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bundle:
+            for path in sorted(Path(sfm.model_dir).iterdir()):
+                bundle.write(path, f"sparse/0/{path.name}")
+        files.append(("colmap_sparse.zip", archive))
+    return files
+
+
+def _export_splat(
+    trained: Any, sfm: SfmResult, request: SplatRequest, out: Path, device: str
+) -> list[tuple[str, Path]]:
+    from core.splat import train
+
+    g = trained.gaussians.to_numpy()
+    base = (g["means"], g["scales_log"], g["quats"], g["opacity_logit"], g["sh_dc"])
+    writers: dict[str, tuple[str, Callable[[Path], None]]] = {
+        "ply": ("splat.ply", lambda p: export.write_ply(p, *base, g["sh_rest"])),
+        "splat": ("scene.splat", lambda p: export.write_splat(p, *base)),
+        "ply_compressed": (
+            "splat.compressed.ply",
+            lambda p: export.write_compressed_ply(p, *base, g["sh_rest"]),
+        ),
+        "rgb_ply": (
+            "points_rgb.ply",
+            lambda p: export.write_rgb_ply(p, g["means"], _dc_to_rgb(g["sh_dc"])),
+        ),
+    }
+    if request.splatt:
+        # The Splatt app's names: colours baked to RGB (SH degree 0), and the full SH splat.
+        chosen = [
+            ("baked_splat.ply", lambda p: export.write_ply(p, *base, None)),
+            ("baked_splat_sh.ply", writers["ply"][1]),
+        ]
+    else:
+        chosen = [writers[fmt] for fmt in dict.fromkeys(request.formats)]
+    first = sfm.images[0]
+    camera = (
+        first.world_to_camera,
+        first.intrinsics.K,
+        first.intrinsics.width,
+        first.intrinsics.height,
+    )
+    thumbnail = train.render_view(trained.gaussians, camera, device)
+    chosen.append(("thumbnail.jpg", lambda p: p.write_bytes(image_to_jpeg(_fit(thumbnail, 512)))))
+    files = []
+    for name, write in chosen:
+        write(out / name)
+        files.append((name, out / name))
+    return files
+
+
+def _dc_to_rgb(sh_dc: Any) -> Any:
+    import numpy as np
+
+    rgb = 0.5 + export.SH_C0 * np.asarray(sh_dc).reshape(-1, 3)
+    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _fit(pixels: Any, max_side: int) -> Any:
+    scale = max_side / max(pixels.shape[:2])
+    if scale >= 1:
+        return pixels
+    return cv2.resize(
+        pixels,
+        (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale)),
+        interpolation=cv2.INTER_AREA,
+    )

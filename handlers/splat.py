@@ -1,0 +1,34 @@
+"""RunPod serverless worker: video or photos -> camera poses -> 3D Gaussian splat (see README).
+Logic lives in core/splat/."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.jobs import configure_logging
+from core.splat.pipeline import run_splat_job
+
+log = logging.getLogger("worker")
+
+
+def handler(job: dict[str, Any]) -> dict[str, Any]:
+    return run_splat_job(job)
+
+
+def main() -> None:
+    import runpod
+
+    configure_logging()
+    import pycolmap  # fail at start, not at the first job, if the SfM library is broken
+
+    log.info("splat worker ready (pycolmap %s)", pycolmap.__version__)
+    runpod.serverless.start({"handler": handler})
+
+
+if __name__ == "__main__":
+    main()
