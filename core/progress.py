@@ -51,13 +51,17 @@ class ProgressReporter:
         self._closed = False
         self._lock = threading.Lock()
 
-    def update(self, stage: str, progress: float, message: str = "", **extra: Any) -> bool:
-        """Report; returns whether the update was sent (not throttled)."""
+    def update(
+        self, stage: str, progress: float, message: str = "", *, force: bool = False, **extra: Any
+    ) -> bool:
+        """Report; returns whether the update was sent (not throttled). `force` skips the
+        throttle, for the few updates a client must see (a stage's final numbers)."""
         with self._lock:
             if self._closed:
                 return False
             now = self.clock()
-            if stage == self._stage and now - self._last_sent < self.min_interval_s:
+            throttled = stage == self._stage and now - self._last_sent < self.min_interval_s
+            if throttled and not force:
                 return False
             self._stage, self._last_sent = stage, now
         update = {"stage": stage, "progress": round(max(0.0, min(100.0, progress)), 1)}

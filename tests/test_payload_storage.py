@@ -220,11 +220,13 @@ def test_progress_is_throttled_and_stops_after_close() -> None:
     now[0] = 1.5
     assert reporter.update("extracting_frames", 20, "frame 20")
     assert reporter.update("training", 0)  # a new stage always goes out
+    assert reporter.update("training", 100, force=True)  # final numbers are never dropped
     reporter.close()
     assert not reporter.update("exporting", 0)
     assert [(u["stage"], u["progress"]) for u in sent] == [
         ("extracting_frames", 0),
         ("extracting_frames", 20),
         ("training", 0),
+        ("training", 100),
     ]
     assert sent[1]["message"] == "frame 20"

@@ -130,7 +130,9 @@ def test_video_to_splat_uploaded_with_progress(
 
     stages = [u["stage"] for u in progress_updates(run.output)]
     assert [s for i, s in enumerate(stages) if i == 0 or s != stages[i - 1]] == STAGES
-    assert any(u["stage"] == "training" and "loss" in u for u in progress_updates(run.output))
+    updates = progress_updates(run.output)
+    assert any(u["stage"] == "training" and "loss" in u and "step" in u for u in updates)
+    assert [u["psnr"] for u in updates if "psnr" in u] == [training["psnr"]]
     assert list((tmp_path / "work").iterdir()) == []  # job files removed
 
 

@@ -264,6 +264,15 @@ def _train(
         )
 
     outcome = train.train(gaussians, views, config, on_step=on_step, should_stop=should_stop)
+    progress.update(
+        "training",
+        100,
+        f"held-out PSNR {outcome.psnr_start:.2f} -> {outcome.psnr_end:.2f} dB",
+        force=True,
+        step=outcome.steps,
+        loss=round(outcome.final_loss, 5),
+        psnr=round(outcome.psnr_end, 3),
+    )
     stats = {
         "iterations": outcome.steps,
         "stopped": outcome.stopped,
