@@ -54,9 +54,6 @@ class TaskOptions(BaseModel):
         return parsed, warnings
 
 
-Probability = Field(ge=0.0, le=1.0)
-
-
 class YoloOptions(TaskOptions):
     threshold: float = Field(default=0.25, ge=0.0, le=1.0, description="confidence threshold")
     iou: float = Field(default=0.7, ge=0.0, le=1.0, description="NMS IoU threshold")
