@@ -201,3 +201,14 @@ def test_failures_are_clear_and_leave_nothing(weights_dir: Path, tmp_path: Path)
     )
     assert both.result["error_code"] == "invalid_input" and "exactly one" in both.result["error"]
     assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_no_room_for_the_splat_fails_before_the_work(weights_dir: Path, tmp_path: Path) -> None:
+    """No bucket, no OUTPUT_DIR, and a splat that cannot fit inline: refused at once."""
+    env = splat_env(weights_dir, tmp_path, CPU_MAX_GAUSSIANS="1000000")
+    run = run_worker(
+        {"video": "aGVsbG8=", "max_gaussians": 1_000_000}, env, handler="handlers/splat.py"
+    )
+    assert run.result["error_code"] == "upload_failed", run.output[-2000:]
+    assert "BUCKET_NAME" in run.result["error"] and "max_gaussians" in run.result["error"]
+    assert "download" not in run.result["timings_ms"]  # nothing was fetched or computed

@@ -22,7 +22,7 @@ import cv2
 
 from core.config import Settings, get_settings
 from core.encode import image_to_jpeg
-from core.errors import InvalidInput, error_result
+from core.errors import InvalidInput, UploadFailed, error_result
 from core.jobs import Timings, worker_device, write_result_file
 from core.payload import load_payload
 from core.progress import ProgressReporter, ProgressSink
@@ -87,9 +87,8 @@ def _run(
         settings
     )
     store = ArtifactStore(settings, request.task_id or str(job.get("id", "local")), bucket)
-    # Fail before hours of work, not after: a trained splat needs somewhere to go.
     if store.mode == "inline" and request.task == "splat":
-        log.warning("no bucket and no OUTPUT_DIR: artifacts must fit INLINE_MAX_BYTES")
+        _check_inline_room(request, params, settings)
 
     frames_dir = work / "frames"
     with timings.measure("download"):
@@ -156,6 +155,32 @@ def _run(
     if warnings:
         result["warnings"] = warnings
     return result
+
+
+def bytes_per_gaussian(fmt: str, sh_degree: int) -> int:
+    """File bytes per Gaussian of each export (PLY: 17 floats plus the SH rest)."""
+    rest = 3 * ((sh_degree + 1) ** 2 - 1)
+    return {"ply": (17 + rest) * 4, "splat": 32, "ply_compressed": 62, "rgb_ply": 15}[fmt]
+
+
+def _check_inline_room(request: SplatRequest, params: dict[str, Any], settings: Settings) -> None:
+    """Fail before the work, not after: the splat must fit the inline budget when there is
+    no bucket and no OUTPUT_DIR, at the most Gaussians this job may make."""
+    count = params["max_gaussians"]
+    if not worker_device().startswith("cuda"):
+        count = min(count, settings.cpu_max_gaussians)
+    if request.splatt:
+        per = bytes_per_gaussian("ply", 0) + bytes_per_gaussian("ply", request.sh_degree)
+    else:
+        per = sum(bytes_per_gaussian(f, request.sh_degree) for f in set(request.formats))
+    needed = 4 * (count * per) // 3  # as base64
+    if needed > settings.inline_max_bytes:
+        raise UploadFailed(
+            f"this job may make up to {needed / 2**20:.0f} MB of artifacts ({count} Gaussians), "
+            f"over the {settings.inline_max_bytes / 2**20:.0f} MB that can come back inline "
+            "(INLINE_MAX_BYTES); set BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, "
+            "BUCKET_SECRET_ACCESS_KEY and BUCKET_NAME (or send s3Config), or lower max_gaussians"
+        )
 
 
 def _fps(kind: str, params: dict[str, Any]) -> dict[str, Any]:
