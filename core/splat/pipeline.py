@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 
 from core.config import Settings, get_settings
 from core.encode import image_to_jpeg
-from core.errors import InvalidInput, UploadFailed, error_result
+from core.errors import InvalidInput, SfmFailed, UploadFailed, error_result
 from core.jobs import Timings, worker_device, write_result_file
 from core.payload import load_payload
 from core.progress import ProgressReporter, ProgressSink
@@ -151,7 +152,6 @@ def _run(
             artifacts.append(store.put(name, path))
     result["artifacts"] = artifacts
     result["timings_ms"] = timings.as_dict()
-    result["device"] = worker_device()
     if warnings:
         result["warnings"] = warnings
     return result
@@ -238,8 +238,6 @@ def _extract_frames(
         )
         names = write_frames(photos, frames_dir)
     if len(names) < 2:
-        from core.errors import SfmFailed
-
         raise SfmFailed(
             f"only {len(names)} frame(s) to work with; send a longer clip, a higher fps "
             "or more photos"
@@ -385,8 +383,6 @@ def _export_splat(
 
 
 def _dc_to_rgb(sh_dc: Any) -> Any:
-    import numpy as np
-
     rgb = 0.5 + export.SH_C0 * np.asarray(sh_dc).reshape(-1, 3)
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
 
