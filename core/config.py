@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     max_input_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(default=64_000_000, ge=1)
     max_batch_images: int = Field(default=16, ge=1)
+    max_input_frames: int = Field(default=1000, ge=1)
+    """Cap on the images of a clip sent as `frames` (the Orbit app's shape)."""
     splat_max_input_bytes: int = Field(default=2 * 1024**3, ge=1)
     """Cap on a splat job's video, zip or each photo (they are larger than images)."""
     cpu_max_gaussians: int = Field(default=20_000, ge=1_000)
@@ -50,6 +52,8 @@ class Settings(BaseSettings):
     output_dir: Path | None = None
     inline_max_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
     """Base64 bytes of artifacts allowed inline in one result (RunPod drops results > 20 MB)."""
+    frames_inline_max_bytes: int = Field(default=2 * 1024 * 1024, ge=0)
+    """Per-frame video results larger than this (as JSON) go out as a `frames.json` artifact."""
     bucket_endpoint_url: str | None = None
     bucket_access_key_id: str | None = None
     bucket_secret_access_key: str | None = None

@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 from core.config import Settings, get_settings
-from core.errors import InvalidInput, error_result
+from core.errors import InvalidInput, MediaDecodeFailed, error_result
 from core.media import VIDEO_TYPES, DecodedImage, decode_image
 from core.models import resolve_device
 from core.payload import Payload, load_payload
@@ -74,6 +74,9 @@ class TaskRequest:
     annotate: bool = False
     images: list[DecodedImage] = field(default_factory=list)
     video: Payload | None = None
+    frames: list[DecodedImage] | None = None
+    """A clip sent as images (`frames`), in order; `frames_fps` is its rate."""
+    frames_fps: float | None = None
     raw: InferRequest | None = None
 
 
@@ -106,6 +109,9 @@ def _run(job: dict[str, Any], settings: Settings, progress: ProgressReporter) ->
     raw_input = job.get("input")
     if not isinstance(raw_input, dict):
         raise InvalidInput("the job's input must be a JSON object with a `task`")
+    if "task" not in raw_input and "frames" in raw_input and "prompt_points" in raw_input:
+        # The Orbit app sends its clip and clicks with no task name: that is SAM 2's job.
+        raw_input = {**raw_input, "task": "sam2-segmentation"}
     request = InferRequest.model_validate(raw_input)  # a ValidationError names the field
     task = get_task(request.task)
     options, warnings = task.options.parse(request.options, task.name)
@@ -152,14 +158,14 @@ def _attach_media(
 ) -> None:
     given = {
         name: getattr(request, name)
-        for name in ("image", "images", "video", "payloadBase64")
+        for name in ("image", "images", "video", "frames", "payloadBase64")
         if getattr(request, name) is not None
     }
     if not task.media:
         return
     if len(given) > 1:
         raise InvalidInput(
-            f"send only one of image, images, video, payloadBase64 (got {', '.join(given)})"
+            f"send only one of image, images, video, frames, payloadBase64 (got {', '.join(given)})"
         )
     if not given:
         wanted = " or ".join(f"`{m}`" for m in sorted(task.media))
@@ -178,6 +184,15 @@ def _attach_media(
                 "(MAX_BATCH_IMAGES)"
             )
         refs = [(f"images[{i}]", ref) for i, ref in enumerate(value)]
+    elif field_name == "frames":
+        if "video" not in task.media:
+            raise InvalidInput(f"{task.name} does not take a clip (`frames`)")
+        if len(value) > settings.max_input_frames:
+            raise InvalidInput(
+                f"frames has {len(value)} items; the limit is {settings.max_input_frames} "
+                "(MAX_INPUT_FRAMES)"
+            )
+        refs = [(f"frames[{i}]", ref) for i, ref in enumerate(value)]
     else:
         refs = [(field_name, value)]
 
@@ -197,9 +212,14 @@ def _attach_media(
     if is_video:
         if "video" not in task.media:
             raise InvalidInput(f"{task.name} takes images, not video")
+        media_type = payloads[0].media_type
+        if media_type is not None and media_type not in VIDEO_TYPES:
+            raise MediaDecodeFailed(
+                f"{field_name}: the bytes are {media_type}, not a video; send an image as `image`"
+            )
         task_request.video = payloads[0]
         return
-    if "image" not in task.media:
+    if "image" not in task.media and field_name != "frames":
         raise InvalidInput(f"{task.name} takes `video`")
 
     def decode(pair: tuple[tuple[str, str], Payload]) -> DecodedImage:
@@ -211,6 +231,12 @@ def _attach_media(
         else:  # OpenCV releases the GIL while decoding
             with ThreadPoolExecutor(max_workers=2) as pool:
                 task_request.images = list(pool.map(decode, zip(refs, payloads, strict=True)))
+    if field_name == "frames":
+        sizes = {(image.width, image.height) for image in task_request.images}
+        if len(sizes) > 1:
+            raise InvalidInput(f"frames must all have one size; got {sorted(sizes)}")
+        task_request.frames, task_request.images = task_request.images, []
+        task_request.frames_fps = request.fps
 
 
 def write_result_file(settings: Settings, result: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.encode import MASK_FORMATS
 
@@ -24,6 +24,12 @@ class InferRequest(BaseModel):
     image: str | None = None
     images: list[str] | None = Field(default=None, min_length=1)
     video: str | None = None
+    # The Orbit app's shape: a clip as a list of images, with its frame rate and size.
+    frames: list[str] | None = Field(default=None, min_length=1)
+    fps: float | None = Field(default=None, gt=0, le=240)
+    width: int | None = Field(default=None, ge=1)
+    height: int | None = Field(default=None, ge=1)
+    prompt_points: list[dict[str, Any]] | None = None
     # The Perception Concept Studio's shape.
     payloadBase64: str | None = None
     mimeType: str | None = None
@@ -54,7 +60,24 @@ class TaskOptions(BaseModel):
         return parsed, warnings
 
 
-class YoloOptions(TaskOptions):
+class VideoOptions(TaskOptions):
+    """Frame sampling. Tasks set their own `max_frames` default by overriding the field."""
+
+    fps: float | None = Field(
+        default=None, gt=0, le=240, description="sample at most this many frames per second"
+    )
+    max_frames: int = Field(default=300, ge=1, le=10_000)
+    start_sec: float = Field(default=0.0, ge=0)
+    end_sec: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _end_after_start(self) -> VideoOptions:
+        if self.end_sec is not None and self.end_sec <= self.start_sec:
+            raise ValueError(f"end_sec ({self.end_sec}) must be after start_sec ({self.start_sec})")
+        return self
+
+
+class YoloOptions(VideoOptions):
     threshold: float = Field(default=0.25, ge=0.0, le=1.0, description="confidence threshold")
     iou: float = Field(default=0.7, ge=0.0, le=1.0, description="NMS IoU threshold")
     max_det: int = Field(default=300, ge=1, le=3000)
@@ -64,6 +87,10 @@ class YoloOptions(TaskOptions):
     )
     agnostic_nms: bool = False
     annotate: bool = False
+    # Video only. The tracker is named, not left to Ultralytics' default, which has changed
+    # between releases; these three need no extra weights.
+    track: bool = Field(default=True, description="video: follow objects across frames")
+    tracker: Literal["bytetrack", "botsort", "ocsort"] = "bytetrack"
 
     @field_validator("classes", mode="before")
     @classmethod

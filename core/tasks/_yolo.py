@@ -4,6 +4,7 @@ predict, turning `Results` into our response entities, and the annotated preview
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -13,8 +14,10 @@ import numpy as np
 from core.encode import encode_mask, image_to_jpeg
 from core.errors import InvalidInput
 from core.jobs import JobContext, TaskRequest
+from core.media import VideoFrame
 from core.models import LoadedModel, get_registry
 from core.schemas import Detection, ImageResult, Keypoint, YoloOptions
+from core.video import clip_info, frame_stamp, is_clip, iter_clip_frames, per_frame_output
 
 # Never let Ultralytics pip-install missing export backends inside a worker.
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
@@ -226,14 +229,123 @@ def image_results(
     return {"results": [item.model_dump(exclude_none=True) for item in out]}
 
 
+def track_clip(
+    loaded: LoadedModel, request: TaskRequest, ctx: JobContext, **extra: Any
+) -> Iterator[tuple[VideoFrame, Any]]:
+    """Each sampled frame with its `Results`, tracked across the clip when `options.track`.
+
+    The model's lock is held for the whole clip: the tracker's state lives on the model's
+    predictor, so two clips must not interleave. The first frame starts fresh trackers."""
+    options: YoloOptions = request.options  # type: ignore[assignment]
+    names = class_names(loaded.model)
+    args: dict[str, Any] = dict(
+        conf=options.threshold,
+        iou=options.iou,
+        max_det=options.max_det,
+        imgsz=options.imgsz,
+        classes=class_ids(options.classes, names),
+        agnostic_nms=options.agnostic_nms,
+        device=ctx.device,
+        verbose=False,
+        **half_precision(ctx),
+        **extra,
+    )
+    frames = iter_clip_frames(request, options)
+    with loaded.lock:
+        first = True
+        while True:
+            with ctx.timings.measure("decode"):
+                frame = next(frames, None)
+            if frame is None:
+                return
+            with ctx.timings.measure("inference"):
+                if options.track:
+                    tracker = f"{options.tracker}.yaml"
+                    results = loaded.model.track(
+                        frame.pixels, persist=not first, tracker=tracker, **args
+                    )
+                else:
+                    results = loaded.model.predict(frame.pixels, **args)
+            first = False
+            yield frame, results[0]
+
+
+def summarise_tracks(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per track id: label, first and last frame, how often seen, mean confidence."""
+    tracks: dict[int, dict[str, Any]] = {}
+    for frame in frames:
+        for detection in frame["detections"]:
+            track_id = detection.get("track_id")
+            if track_id is None:
+                continue
+            entry = tracks.setdefault(
+                track_id,
+                {
+                    "track_id": track_id,
+                    "label": detection["label"],
+                    "class_id": detection["class_id"],
+                    "first_frame": frame["frame_index"],
+                    "first_time_s": frame["time_s"],
+                    "frames_seen": 0,
+                    "_confidence": 0.0,
+                },
+            )
+            entry["last_frame"] = frame["frame_index"]
+            entry["last_time_s"] = frame["time_s"]
+            entry["frames_seen"] += 1
+            entry["_confidence"] += detection["confidence"]
+    summary = []
+    for entry in sorted(tracks.values(), key=lambda e: e["track_id"]):
+        entry["mean_confidence"] = round(entry.pop("_confidence") / entry["frames_seen"], 4)
+        summary.append(entry)
+    return summary
+
+
+def video_results(
+    request: TaskRequest,
+    ctx: JobContext,
+    loaded: LoadedModel,
+    mask_format: str | None = None,
+    with_keypoints: bool = False,
+    **predict_args: Any,
+) -> dict[str, Any]:
+    options: YoloOptions = request.options  # type: ignore[assignment]
+    info = clip_info(request)
+    names = class_names(loaded.model)
+    frames: list[dict[str, Any]] = []
+    limit = options.max_frames
+    for frame, result in track_clip(loaded, request, ctx, **predict_args):
+        kpt_names = None
+        if with_keypoints and result.keypoints is not None:
+            kpt_names = keypoint_names(loaded.model, int(result.keypoints.data.shape[1]))
+        with ctx.timings.measure("encode"):
+            detections = to_detections(result, names, mask_format, kpt_names)
+        entries = [d.model_dump(exclude_none=True) for d in detections]
+        frames.append({**frame_stamp(frame), "detections": entries})
+        ctx.progress.update(
+            "inference", 100 * len(frames) / limit, f"frame {len(frames)} (source {frame.index})"
+        )
+    output: dict[str, Any] = {
+        "video": info.describe(options, len(frames)),
+        "tracker": f"{options.tracker}.yaml" if options.track else None,
+        "tracks": summarise_tracks(frames),
+    }
+    output.update(per_frame_output(ctx, frames))
+    return output
+
+
 def run_yolo_task(
     request: TaskRequest, ctx: JobContext, kind: str, **predict_args: Any
 ) -> dict[str, Any]:
     assert request.model is not None
     with ctx.timings.measure("load_model"):
         loaded = load_yolo(request.model, kind)
-    results = predict(loaded, request, ctx, **predict_args)
     mask_format = getattr(request.options, "mask_format", None) if kind == "segment" else None
+    if is_clip(request):
+        return video_results(
+            request, ctx, loaded, mask_format, with_keypoints=kind == "pose", **predict_args
+        )
+    results = predict(loaded, request, ctx, **predict_args)
     return image_results(results, request, ctx, loaded, mask_format, with_keypoints=kind == "pose")
 
 

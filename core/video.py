@@ -1,0 +1,139 @@
+"""Video for tasks: the sampling options every video task shares, and the frames of a job's clip.
+
+A clip is either a video file (`video`, or the Studio's `payloadBase64` with a video type),
+decoded and sampled with PyAV, or a list of images (the Orbit app's `frames` with its `fps`).
+Frames are yielded one at a time so a long clip is never held in memory by this module.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import cv2
+
+from core.errors import InvalidInput
+from core.media import VideoFrame, iter_video_frames, probe_video
+from core.schemas import VideoOptions
+
+if TYPE_CHECKING:
+    from core.jobs import JobContext, TaskRequest
+
+DEFAULT_FRAMES_FPS = 30.0
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    width: int
+    height: int
+    fps: float
+    """The source's frame rate (the Orbit shape's `fps`)."""
+    duration_s: float
+    frame_count: int
+    source: str
+    """`video` (a decoded file) or `frames` (a list of images)."""
+
+    def describe(self, options: VideoOptions, sampled: int) -> dict[str, Any]:
+        return {
+            "width": self.width,
+            "height": self.height,
+            "fps": round(self.fps, 3),
+            "duration_s": round(self.duration_s, 3),
+            "frame_count": self.frame_count,
+            "sampled_frames": sampled,
+            "sample_fps": options.fps,
+            "start_sec": options.start_sec,
+            "end_sec": options.end_sec,
+            "source": self.source,
+        }
+
+
+def is_clip(request: TaskRequest) -> bool:
+    return request.video is not None or request.frames is not None
+
+
+def clip_info(request: TaskRequest) -> ClipInfo:
+    if request.frames is not None:
+        fps = request.frames_fps or DEFAULT_FRAMES_FPS
+        first = request.frames[0]
+        count = len(request.frames)
+        return ClipInfo(first.width, first.height, fps, count / fps, count, "frames")
+    assert request.video is not None
+    info = probe_video(request.video.data)
+    return ClipInfo(info.width, info.height, info.fps, info.duration_s, info.frame_count, "video")
+
+
+def iter_clip_frames(
+    request: TaskRequest, options: VideoOptions, *, max_side: int | None = None
+) -> Iterator[VideoFrame]:
+    """The sampled frames in order; `invalid_input` when the window holds none."""
+    emitted = 0
+    for frame in _frames(request, options, max_side):
+        emitted += 1
+        yield frame
+    if emitted == 0:
+        window = f"[{options.start_sec}, {options.end_sec if options.end_sec else 'end'})"
+        info = clip_info(request)
+        raise InvalidInput(
+            f"no frames in the window {window} s: the clip is {info.duration_s:.2f} s long "
+            f"({info.frame_count} frames); check start_sec and end_sec"
+        )
+
+
+def _frames(
+    request: TaskRequest, options: VideoOptions, max_side: int | None
+) -> Iterator[VideoFrame]:
+    if request.frames is None:
+        assert request.video is not None
+        yield from iter_video_frames(
+            request.video.data,
+            fps=options.fps,
+            start_sec=options.start_sec,
+            end_sec=options.end_sec,
+            max_frames=options.max_frames,
+            max_side=max_side,
+        )
+        return
+    rate = request.frames_fps or DEFAULT_FRAMES_FPS
+    step = 1.0 / options.fps if options.fps else 0.0
+    next_time = options.start_sec
+    emitted = 0
+    for index, image in enumerate(request.frames):
+        time_s = index / rate
+        if time_s + 1e-6 < options.start_sec:
+            continue
+        if options.end_sec is not None and time_s >= options.end_sec:
+            break
+        if step and time_s + 1e-6 < next_time:
+            continue
+        pixels = image.pixels
+        if max_side and max(pixels.shape[:2]) > max_side:
+            scale = max_side / max(pixels.shape[:2])
+            size = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
+            pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+        yield VideoFrame(index=index, time_s=time_s, pixels=pixels)
+        emitted += 1
+        if step:
+            next_time += step * max(1, int((time_s + 1e-6 - next_time) / step) + 1)
+        if emitted >= options.max_frames:
+            break
+
+
+def frame_stamp(frame: VideoFrame) -> dict[str, Any]:
+    """What every per-frame result starts with."""
+    return {"frame_index": frame.index, "time_s": round(frame.time_s, 4)}
+
+
+def per_frame_output(
+    ctx: JobContext, frames: list[dict[str, Any]], name: str = "frames.json"
+) -> dict[str, Any]:
+    """`{"frames": [...]}` inline, or, for a long clip, the same list as a JSON artifact
+    (S3, OUTPUT_DIR or inline base64 under its budget) so the result stays small."""
+    encoded = json.dumps(frames, separators=(",", ":")).encode()
+    if len(encoded) <= ctx.settings.frames_inline_max_bytes:
+        return {"frames": frames}
+    with ctx.timings.measure("upload"):
+        artifact = ctx.store.put(name, encoded, "application/json")
+    return {"frames_artifact": artifact, "frames_count": len(frames)}
