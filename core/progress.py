@@ -1,7 +1,8 @@
 """Throttled progress reporting to the job: on a stage change, else at most once per interval.
 
 On RunPod the updates go through `runpod.serverless.progress_update` (looked up at call time,
-so a local server can stand in for it); elsewhere they are logged. Nothing is sent after
+so a local server can stand in for it); under the local endpoint server (`core.serve`) they
+go to the running job's /status; elsewhere they are logged. Nothing is sent after
 `close()`, which the runner calls before the job returns.
 """
 
@@ -13,6 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from core.serve import context as serve_context
 
 log = logging.getLogger("worker.progress")
 
@@ -30,6 +33,10 @@ def log_sink(job: dict[str, Any], update: dict[str, Any]) -> None:
 
 
 def default_sink() -> ProgressSink:
+    # Under the local endpoint server (core.serve) the job's /status shows the updates.
+    control = serve_context.current()
+    if control is not None:
+        return control.report_progress
     # The SDK's update posts to RunPod's job API; with no API (local runs) it would only fail.
     return runpod_sink if os.environ.get("RUNPOD_WEBHOOK_GET_JOB") else log_sink
 

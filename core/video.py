@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 
-from core.errors import InvalidInput
+from core.errors import Cancelled, InvalidInput
 from core.media import VideoFrame, iter_video_frames, probe_video
 from core.schemas import VideoOptions
+from core.serve.context import cancel_requested
 
 if TYPE_CHECKING:
     from core.jobs import JobContext, TaskRequest
@@ -68,9 +69,13 @@ def clip_info(request: TaskRequest) -> ClipInfo:
 def iter_clip_frames(
     request: TaskRequest, options: VideoOptions, *, max_side: int | None = None
 ) -> Iterator[VideoFrame]:
-    """The sampled frames in order; `invalid_input` when the window holds none."""
+    """The sampled frames in order; `invalid_input` when the window holds none. Stops with
+    `cancelled` when the local endpoint server cancels the job, so video tasks stop between
+    frames."""
     emitted = 0
     for frame in _frames(request, options, max_side):
+        if cancel_requested():  # the local endpoint server cancelled the job or it timed out
+            raise Cancelled("the job was cancelled (or ran past its execution timeout)")
         emitted += 1
         yield frame
     if emitted == 0:

@@ -22,10 +22,8 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
     return run_infer_job(job)
 
 
-def main() -> None:
-    import runpod
-
-    configure_logging()
+def startup() -> None:
+    """Everything before the first job (the local endpoint server, core.serve, calls it too)."""
     started = time.perf_counter()
     spec = get_settings().preload_models
     log.info("device: %s", worker_device())  # also imports torch now, not in the first job
@@ -41,6 +39,13 @@ def main() -> None:
         len(models),
         ", ".join(m["name"] for m in models) or "none",
     )
+
+
+def main() -> None:
+    import runpod
+
+    configure_logging()
+    startup()
     runpod.serverless.start({"handler": handler})
 
 

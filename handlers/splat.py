@@ -20,13 +20,18 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
     return run_splat_job(job)
 
 
+def startup() -> None:
+    """Everything before the first job (the local endpoint server, core.serve, calls it too)."""
+    import pycolmap  # fail at start, not at the first job, if the SfM library is broken
+
+    log.info("splat worker ready (pycolmap %s)", pycolmap.__version__)
+
+
 def main() -> None:
     import runpod
 
     configure_logging()
-    import pycolmap  # fail at start, not at the first job, if the SfM library is broken
-
-    log.info("splat worker ready (pycolmap %s)", pycolmap.__version__)
+    startup()
     runpod.serverless.start({"handler": handler})
 
 

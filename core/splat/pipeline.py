@@ -23,10 +23,11 @@ import numpy as np
 
 from core.config import Settings, get_settings
 from core.encode import image_to_jpeg
-from core.errors import InvalidInput, SfmFailed, UploadFailed, error_result
+from core.errors import Cancelled, InvalidInput, SfmFailed, UploadFailed, error_result
 from core.jobs import Timings, worker_device, write_result_file
 from core.payload import load_payload
 from core.progress import ProgressReporter, ProgressSink
+from core.serve.context import cancel_requested
 from core.splat import export
 from core.splat.frames import iter_sharp_frames, load_photos, photos_from_zip, write_frames
 from core.splat.schema import SplatRequest
@@ -47,8 +48,12 @@ ShouldStop = Callable[[], bool]
 def run_splat_job(
     job: dict[str, Any], sink: ProgressSink | None = None, should_stop: ShouldStop | None = None
 ) -> dict[str, Any]:
-    """Run one splat job; never raises. Errors come back as `error`/`error_code` results."""
+    """Run one splat job; never raises. Errors come back as `error`/`error_code` results.
+
+    Without `should_stop`, training stops when the local endpoint server cancels the job (or it
+    runs past its execution timeout); the job then ends as `cancelled` at the next stage."""
     settings = get_settings()
+    should_stop = should_stop or cancel_requested
     job_id = str(job.get("id", "local"))
     started = time.perf_counter()
     progress = ProgressReporter(job, sink, settings.progress_min_interval_s)
@@ -95,6 +100,7 @@ def _run(
     with timings.measure("download"):
         progress.update("downloading_video" if kind == "video" else "downloading_images", 0)
         fetched = _fetch(kind, source, settings, bucket)
+    _stop_if_cancelled()
     with timings.measure("frames"):
         progress.update("extracting_frames", 0)
         names = _extract_frames(kind, fetched, request, params, frames_dir, progress)
@@ -108,6 +114,7 @@ def _run(
             max_image_side=request.max_side,
             single_camera=kind == "video",
         )
+    _stop_if_cancelled()
     result: dict[str, Any] = {
         "task": request.task,
         "frames": {"selected": len(names), **_fps(kind, params)},
@@ -139,6 +146,7 @@ def _run(
                 settings,
                 warnings,
             )
+        _stop_if_cancelled()
         result["training"] = training
         with timings.measure("export"):
             progress.update("exporting", 0)
@@ -155,6 +163,12 @@ def _run(
     if warnings:
         result["warnings"] = warnings
     return result
+
+
+def _stop_if_cancelled() -> None:
+    # A cancelled job's files would never be read: stop before the next stage's work.
+    if cancel_requested():
+        raise Cancelled("the job was cancelled (or ran past its execution timeout)")
 
 
 def bytes_per_gaussian(fmt: str, sh_degree: int) -> int:
