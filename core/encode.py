@@ -1,4 +1,4 @@
-"""Encoders for results: masks (COCO RLE, polygons, PNG) and images (JPEG)."""
+"""Encoders for results: masks (COCO RLE, polygons, PNG), depth maps (16-bit PNG), images (JPEG)."""
 
 from __future__ import annotations
 
@@ -71,3 +71,50 @@ def image_to_jpeg(pixels_bgr: np.ndarray, quality: int = 85) -> bytes:
     if not ok:
         raise RuntimeError("JPEG encoding failed")
     return buffer.tobytes()
+
+
+# --------------------------------------------------------------------------------------------
+# Depth maps: 16-bit PNG with a linear mapping back to the model's values
+
+DEPTH_PNG_LEVELS = 65535
+
+
+def depth_to_uint16(depth: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Quantise to 0..65535 linearly over [lo, hi]: `q = round((v - lo) / (hi - lo) * 65535)`.
+
+    Values outside [lo, hi] are clipped; a flat range (hi == lo) gives all zeros. Non-finite
+    values become 0."""
+    span = float(hi) - float(lo)
+    if not span > 0:
+        return np.zeros(depth.shape, np.uint16)
+    scaled = (depth.astype(np.float64) - float(lo)) * (DEPTH_PNG_LEVELS / span)
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=DEPTH_PNG_LEVELS, neginf=0.0)
+    return np.clip(np.rint(scaled), 0, DEPTH_PNG_LEVELS).astype(np.uint16)
+
+
+def uint16_to_depth(levels: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """The inverse mapping: `v = lo + q / 65535 * (hi - lo)` (float32)."""
+    span = float(hi) - float(lo)
+    values = float(lo) + levels.astype(np.float64) * (span / DEPTH_PNG_LEVELS)
+    return values.astype(np.float32)
+
+
+def depth_to_png16(depth: np.ndarray, lo: float, hi: float, compression: int = 1) -> bytes:
+    """A single-channel 16-bit PNG of an HxW map, quantised over [lo, hi] (`depth_to_uint16`).
+
+    Any PNG reader that keeps 16 bits decodes it (OpenCV `IMREAD_UNCHANGED`, Pillow `I;16`)."""
+    if depth.ndim != 2:
+        raise ValueError(f"a depth map is HxW, got shape {depth.shape}")
+    levels = depth_to_uint16(depth, lo, hi)
+    ok, buffer = cv2.imencode(".png", levels, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buffer.tobytes()
+
+
+def png16_to_depth(data: bytes, lo: float, hi: float) -> np.ndarray:
+    """Decode a `depth_to_png16` PNG back to values (float32, HxW)."""
+    levels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if levels is None or levels.dtype != np.uint16 or levels.ndim != 2:
+        raise ValueError("not a single-channel 16-bit PNG")
+    return uint16_to_depth(levels, lo, hi)
