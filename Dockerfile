@@ -42,6 +42,12 @@ COPY requirements.txt /opt/worker/requirements.txt
 RUN pip install --no-cache-dir -c "${VIRTUAL_ENV}/torch-constraints.txt" \
         -r /opt/worker/requirements.txt
 
+# SAM 2 is a source release: built against the torch above, without its optional CUDA extension
+# (only the hole filling of video masks needs it).
+RUN pip install --no-cache-dir -c "${VIRTUAL_ENV}/torch-constraints.txt" setuptools==80.9.0 wheel==0.45.1 \
+    && SAM2_BUILD_CUDA=0 pip install --no-cache-dir --no-build-isolation \
+        -c "${VIRTUAL_ENV}/torch-constraints.txt" sam2==1.1.0
+
 # Weights: baked here so that the worker never downloads at start. WEIGHTS picks them
 # (scripts/fetch_weights.py: names and groups; `default` is YOLO11n detect/seg/pose, SAM 2.1
 # tiny, Depth Anything V2 Small and RAFT small, plus SAM 3 when the build secret `hf_token` gives
@@ -58,7 +64,7 @@ RUN --mount=type=bind,source=weights,target=/tmp/context-weights \
 
 # The worker's defaults in this image: baked weights only, and those preloaded before the first
 # job (the worker exits with status 3 if one fails). Both can be overridden on the endpoint.
-ARG PRELOAD_MODELS=object-detection,image-segmentation,pose-estimation
+ARG PRELOAD_MODELS=object-detection,image-segmentation,pose-estimation,sam2-segmentation,depth-estimation,velocity-estimation
 ENV PRELOAD_MODELS=${PRELOAD_MODELS} \
     ALLOW_MODEL_DOWNLOADS=false \
     VOLUME_WEIGHTS_DIR=/runpod-volume/weights

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-stamp="$VENV/.installed-$(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)"
+stamp="$VENV/.installed-$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   exit 0
 fi
@@ -16,6 +16,9 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then
 else
   "$VENV/bin/python" -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 fi
+# SAM 2 is a source release: built against this torch, without its optional CUDA extension.
+"$VENV/bin/python" -m pip install --quiet setuptools==80.9.0 wheel==0.45.1
+SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install --quiet --no-build-isolation sam2==1.1.0
 "$VENV/bin/python" -m pip install --quiet -r requirements-dev.txt
 rm -f "$VENV"/.installed-*
 touch "$stamp"

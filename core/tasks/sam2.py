@@ -1,0 +1,371 @@
+"""sam2-segmentation: SAM 2 masks from point and box prompts, on images or through a clip.
+
+- Image (`image`, `images`, the Studio's `payloadBase64`): every object's prompt (points with
+  labels, a box, or both) gives its mask (or three candidates with `multimask_output`).
+  The image's embedding is kept for the next few requests on the same pixels, so clicking
+  again on one image costs only the mask decoder.
+- Video (`video`, `frames`): prompts on any frame (`frame_index`, the source frame's index as
+  the result reports it) are propagated forward to the end and backward to the start; masks
+  per object per sampled frame, in frame order; a long clip's masks go out as an artifact.
+- The Orbit app (`frames`, `fps`, `width`, `height`, `prompt_points`, no `task`): one object
+  clicked on the first frame; one PNG data URI per frame in `masks`.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import json
+from typing import Any
+
+import numpy as np
+
+from core.encode import encode_mask, mask_to_png
+from core.errors import InvalidInput
+from core.jobs import JobContext, TaskRequest
+from core.media import VideoFrame
+from core.models import LoadedModel
+from core.tasks import Task, register
+from core.tasks._sam2_model import (
+    DEFAULT_MODEL,
+    Sam2Model,
+    checkpoint_name,
+    config_for,
+    inference_mode,
+    load_sam2,
+    preload_sam2,
+)
+from core.tasks._sam2_prompts import (
+    Prompt,
+    Sam2Options,
+    check_inside,
+    prompts_from_options,
+    prompts_from_orbit,
+)
+from core.tasks._sam2_video import ClipFrames, install_clip_loader, propagate
+from core.video import clip_info, frame_stamp, is_clip, iter_clip_frames, per_frame_output
+
+NO_PROMPT = (
+    "sam2-segmentation needs a prompt: options.objects ([{id, points, labels, box}]), "
+    "or options.points (with labels), options.box or options.boxes"
+)
+
+
+def run(request: TaskRequest, ctx: JobContext) -> dict[str, Any]:
+    options: Sam2Options = request.options  # type: ignore[assignment]
+    assert request.model is not None
+    config_for(checkpoint_name(request.model))  # an unknown name fails before any decoding
+    raw = request.raw
+    orbit = raw is not None and raw.prompt_points is not None
+    if orbit and prompts_from_options(options):
+        raise InvalidInput("send prompt_points or prompts in options, not both")
+    if orbit:
+        if request.frames is None:
+            raise InvalidInput("prompt_points is the Orbit app's shape: send the clip as `frames`")
+        return run_orbit(request, ctx)
+    prompts = prompts_from_options(options)
+    if not prompts:
+        raise InvalidInput(NO_PROMPT)
+    if is_clip(request):
+        return run_video(request, ctx, prompts)
+    return run_images(request, ctx, prompts)
+
+
+def _load(request: TaskRequest, ctx: JobContext) -> LoadedModel:
+    assert request.model is not None
+    with ctx.timings.measure("load_model"):
+        return load_sam2(request.model)
+
+
+def _bbox(mask: np.ndarray) -> list[int] | None:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]
+
+
+def _mask_entry(mask: np.ndarray, mask_format: str) -> dict[str, Any]:
+    return {"area": int(mask.sum()), "box": _bbox(mask), "mask": encode_mask(mask, mask_format)}
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+def run_images(request: TaskRequest, ctx: JobContext, prompts: list[Prompt]) -> dict[str, Any]:
+    options: Sam2Options = request.options  # type: ignore[assignment]
+    for index, image in enumerate(request.images):
+        what = "image" if len(request.images) == 1 else f"image (images.{index})"
+        check_inside(prompts, image.width, image.height, what)
+    if any(prompt.frame_index is not None for prompt in prompts):
+        ctx.warnings.append("frame_index is for video prompts; ignored on an image")
+    loaded = _load(request, ctx)
+    model: Sam2Model = loaded.model
+    results = []
+    for index, image in enumerate(request.images):
+        rgb = np.ascontiguousarray(image.pixels[:, :, ::-1])
+        outputs = []
+        with loaded.lock, inference_mode(ctx.device, ctx.settings.half_precision):
+            with ctx.timings.measure("image_encoder"):
+                predictor, cached = model.image_predictor(rgb)
+            with ctx.timings.measure("inference"):
+                for prompt in prompts:
+                    masks, scores, _ = predictor.predict(
+                        point_coords=prompt.points,
+                        point_labels=prompt.labels,
+                        box=prompt.box,
+                        multimask_output=options.multimask_output,
+                    )
+                    outputs.append((prompt, masks > 0.5, np.asarray(scores, np.float64)))
+        with ctx.timings.measure("encode"):
+            objects = [
+                _image_object(prompt, masks, scores, options) for prompt, masks, scores in outputs
+            ]
+        results.append(
+            {
+                "index": index,
+                "width": image.width,
+                "height": image.height,
+                "image_embedding": "cached" if cached else "computed",
+                "objects": objects,
+            }
+        )
+    return {"results": results}
+
+
+def _image_object(
+    prompt: Prompt, masks: np.ndarray, scores: np.ndarray, options: Sam2Options
+) -> dict[str, Any]:
+    best = int(np.argmax(scores))
+    entry: dict[str, Any] = {"id": prompt.id, "score": round(float(scores[best]), 4)}
+    entry.update(_mask_entry(masks[best], options.mask_format))
+    if options.multimask_output:
+        entry["best"] = best
+        entry["masks"] = [
+            {"score": round(float(score), 4), **_mask_entry(mask, options.mask_format)}
+            for mask, score in zip(masks, scores, strict=True)
+        ]
+    return entry
+
+
+# --------------------------------------------------------------------------------------------
+# Video
+
+
+def _read_clip(request: TaskRequest, ctx: JobContext) -> list[VideoFrame]:
+    options: Sam2Options = request.options  # type: ignore[assignment]
+    frames = []
+    clip = iter_clip_frames(request, options, max_side=options.max_side)
+    while True:
+        with ctx.timings.measure("decode"):
+            frame = next(clip, None)
+        if frame is None:
+            return frames
+        frames.append(frame)
+
+
+def _prompt_positions(
+    prompts: list[Prompt], frames: list[VideoFrame], ctx: JobContext
+) -> dict[int | str, int]:
+    """Each prompt's place among the sampled frames: its `frame_index` (a source index), or
+    the nearest sampled frame when sampling skipped it; the first frame by default."""
+    sources = [frame.index for frame in frames]
+    positions: dict[int | str, int] = {}
+    for prompt in prompts:
+        wanted = prompt.frame_index
+        if wanted is None:
+            positions[prompt.id] = 0
+            continue
+        if not sources[0] <= wanted <= sources[-1]:
+            raise InvalidInput(
+                f"{prompt.field}.frame_index: frame {wanted} is not among the sampled frames "
+                f"(source frames {sources[0]} to {sources[-1]}); check start_sec, end_sec, "
+                "max_frames"
+            )
+        at = bisect.bisect_left(sources, wanted)
+        if sources[at] != wanted:
+            at = min((at - 1, at), key=lambda i: abs(sources[i] - wanted))
+            ctx.warnings.append(
+                f"{prompt.field}.frame_index: frame {wanted} was not sampled; the prompt is on "
+                f"frame {sources[at]}, the nearest sampled one"
+            )
+        positions[prompt.id] = at
+    return positions
+
+
+def _track(
+    loaded: LoadedModel,
+    frames: list[VideoFrame],
+    width: int,
+    height: int,
+    prompts: list[Prompt],
+    positions: dict[int | str, int],
+    ctx: JobContext,
+) -> list[dict[int | str, np.ndarray]]:
+    """Every sampled frame's mask per object id (bool, source size), in frame order."""
+    model: Sam2Model = loaded.model
+    predictor = model.predictor
+    install_clip_loader()
+    clip = ClipFrames([frame.pixels for frame in frames], height, width, predictor.image_size)
+    masks: list[dict[int | str, np.ndarray] | None] = [None] * len(frames)
+    # Forward from the earliest prompt to the end, then back from it (again) to frame 0.
+    first_prompt = min(positions.values())
+    total = len(frames) + (1 if first_prompt > 0 else 0)
+    done = 0
+    precision = ctx.settings.half_precision
+    with inference_mode(ctx.device, precision):
+        with ctx.timings.measure("inference"), loaded.lock:
+            state = predictor.init_state(clip)
+            for prompt in prompts:
+                predictor.add_new_points_or_box(
+                    state,
+                    frame_idx=positions[prompt.id],
+                    obj_id=prompt.id,
+                    points=prompt.points,
+                    labels=prompt.labels,
+                    box=prompt.box,
+                )
+        steps = propagate(predictor, state, set(positions.values()))
+        while True:
+            # The lock is held per frame, not per clip: the state is this job's own, so other
+            # jobs on this model interleave instead of waiting for a whole clip.
+            with ctx.timings.measure("inference"), loaded.lock:
+                step = next(steps, None)
+                if step is not None:
+                    frame_idx, obj_ids, logits = step
+                    binary = (logits[:, 0] > 0).cpu().numpy()
+            if step is None:
+                break
+            if masks[frame_idx] is None:
+                masks[frame_idx] = dict(zip(obj_ids, binary, strict=True))
+            done += 1
+            ctx.progress.update(
+                "propagating", 100 * done / total, f"frame {done} of {total} (both directions)"
+            )
+    del state
+    missing = [i for i, entry in enumerate(masks) if entry is None]
+    if missing:  # SAM 2 visits every frame between the ends; this would be a bug here
+        raise RuntimeError(f"propagation left frames {missing} without masks")
+    return masks  # type: ignore[return-value]
+
+
+def run_video(request: TaskRequest, ctx: JobContext, prompts: list[Prompt]) -> dict[str, Any]:
+    options: Sam2Options = request.options  # type: ignore[assignment]
+    info = clip_info(request)
+    check_inside(prompts, info.width, info.height, "frames")
+    for prompt in prompts:
+        if prompt.frame_index is not None and 0 < info.frame_count <= prompt.frame_index:
+            raise InvalidInput(
+                f"{prompt.field}.frame_index: the clip has {info.frame_count} frames "
+                f"(0 to {info.frame_count - 1})"
+            )
+    if options.multimask_output:
+        ctx.warnings.append("multimask_output is for images; SAM 2 picks the mask on video")
+    frames = _read_clip(request, ctx)
+    positions = _prompt_positions(prompts, frames, ctx)
+    loaded = _load(request, ctx)
+    masks = _track(loaded, frames, info.width, info.height, prompts, positions, ctx)
+
+    entries = []
+    seen: dict[int | str, list[int]] = {prompt.id: [] for prompt in prompts}
+    with ctx.timings.measure("encode"):
+        for frame, per_object in zip(frames, masks, strict=True):
+            objects = []
+            for prompt in prompts:
+                mask = per_object[prompt.id]
+                entry = {"id": prompt.id, **_mask_entry(mask, options.mask_format)}
+                if entry["area"]:
+                    seen[prompt.id].append(frame.index)
+                objects.append(entry)
+            entries.append({**frame_stamp(frame), "objects": objects})
+    summary = [
+        {
+            "id": prompt.id,
+            "prompt_frame_index": frames[positions[prompt.id]].index,
+            "frames_with_mask": len(seen[prompt.id]),
+            "first_frame": seen[prompt.id][0] if seen[prompt.id] else None,
+            "last_frame": seen[prompt.id][-1] if seen[prompt.id] else None,
+        }
+        for prompt in prompts
+    ]
+    output: dict[str, Any] = {"video": info.describe(options, len(frames)), "objects": summary}
+    output.update(per_frame_output(ctx, entries))
+    return output
+
+
+# --------------------------------------------------------------------------------------------
+# The Orbit app
+
+
+def run_orbit(request: TaskRequest, ctx: JobContext) -> dict[str, Any]:
+    """One object clicked on the first frame -> a PNG mask (data URI) per frame."""
+    raw = request.raw
+    assert raw is not None and raw.prompt_points is not None and request.frames is not None
+    info = clip_info(request)
+    prompts = prompts_from_orbit(raw.prompt_points)
+    # The app's clicks are in its own width x height space; the frames may be sent smaller.
+    space_w, space_h = raw.width or info.width, raw.height or info.height
+    if (space_w, space_h) != (info.width, info.height):
+        prompts = [p.scaled(info.width / space_w, info.height / space_h) for p in prompts]
+        ctx.warnings.append(
+            f"prompt_points scaled from {space_w}x{space_h} to the frames' "
+            f"{info.width}x{info.height}"
+        )
+    check_inside(prompts, info.width, info.height, "frames")
+    frames = _read_clip(request, ctx)
+    if len(frames) < len(request.frames):
+        ctx.warnings.append(
+            f"masks cover {len(frames)} of the {len(request.frames)} frames (options "
+            "max_frames, fps, start_sec, end_sec)"
+        )
+    loaded = _load(request, ctx)
+    masks = _track(loaded, frames, info.width, info.height, prompts, {1: 0}, ctx)
+
+    data_uris, details = [], []
+    with ctx.timings.measure("encode"):
+        for frame, per_object in zip(frames, masks, strict=True):
+            mask = per_object[1]
+            png = base64.b64encode(mask_to_png(mask)).decode("ascii")
+            data_uris.append(f"data:image/png;base64,{png}")
+            details.append({**frame_stamp(frame), "area": int(mask.sum()), "box": _bbox(mask)})
+    output: dict[str, Any] = {
+        "width": info.width,
+        "height": info.height,
+        "fps": round(info.fps, 3),
+        "frame_count": len(frames),
+        "video": info.describe(request.options, len(frames)),  # type: ignore[arg-type]
+    }
+    encoded = sum(len(uri) for uri in data_uris)
+    if encoded > ctx.settings.inline_max_bytes:
+        with ctx.timings.measure("upload"):
+            body = _json_bytes({"masks": data_uris, "frames": details})
+            output["masks_artifact"] = ctx.store.put("masks.json", body, "application/json")
+        ctx.warnings.append(
+            f"the masks are {encoded} bytes, over INLINE_MAX_BYTES; they are in masks_artifact"
+        )
+        output["frames"] = details
+    else:
+        output["masks"] = data_uris
+        output["frames"] = details
+    return output
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def load(name: str) -> LoadedModel:
+    return preload_sam2(name)
+
+
+TASK = register(
+    Task(
+        name="sam2-segmentation",
+        options=Sam2Options,
+        run=run,
+        media=frozenset({"image", "video"}),
+        default_model=DEFAULT_MODEL,
+        load=load,
+        description="SAM 2 masks from points and boxes, on an image or propagated through a clip",
+    )
+)
