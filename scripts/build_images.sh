@@ -116,7 +116,7 @@ else
 fi
 say "context: $(find "$CTX" -type f | wc -l) files from ${REF:-the working tree}"
 export YOLO_CONFIG_DIR="$WORK/ultralytics-config" YOLO_OFFLINE=1
-(cd "$REPO" && "$PYTHON" scripts/make_test_weights.py "$CTX/weights" >/dev/null)
+(cd "$REPO" && "$PYTHON" scripts/make_test_weights.py --all "$CTX/weights" >/dev/null)
 
 # 3. pip inside the build uses this machine's pip settings (local indexes, certificate).
 mapfile -t PIP_MOUNTS < <("$PYTHON" "$REPO/scripts/docker/report.py" pip-config "$WORK/pip.conf")
@@ -218,7 +218,9 @@ test_splat() {
 
 inspect_image() { "${B[@]}" inspect --type image "localhost/vision-$1:test" >"$WORK/results/$1-$2.json"; }
 
-INFER_ARGS=(--build-arg "WEIGHTS=yolo,shapes-yolo11.pt" --build-arg WEIGHTS_FROM_CONTEXT=1)
+# The image's default weights (random-weight stand-ins made above; SAM 3 is not a default without
+# a token) plus the shapes detector its test_input.json names; the image's PRELOAD_MODELS loads them.
+INFER_ARGS=(--build-arg "WEIGHTS=default,shapes-yolo11.pt" --build-arg WEIGHTS_FROM_CONTEXT=1)
 started_all=$(date +%s)
 if [ "$ONLY" != splat ]; then
   build infer Dockerfile clean "${INFER_ARGS[@]}"
