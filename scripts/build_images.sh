@@ -48,12 +48,22 @@ say() { printf '== %s\n' "$*" >&2; }
 die() { printf 'build_images: %s\n' "$*" >&2; exit 1; }
 json() { printf '%s\n' "$1" | tee -a "$WORK/results.jsonl"; }
 
+retry() {  # retry CMD...: three tries, 20 s apart (mirrors and indexes have bad minutes)
+  local try
+  for try in 1 2 3; do
+    "$@" && return 0
+    [ "$try" = 3 ] || { say "failed (try $try of 3): $*; again in 20 s"; sleep 20; }
+  done
+  return 1
+}
+
 [ "$(id -u)" = 0 ] || die "run as root (buildah's chroot isolation and debootstrap need it)"
 [ -x "$PYTHON" ] || die "PYTHON=$PYTHON is not executable: run 'make setup' first, or set PYTHON"
 if ! command -v buildah >/dev/null || ! command -v debootstrap >/dev/null; then
   say "installing buildah and debootstrap (Debian packages)"
-  timeout 900 apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq buildah debootstrap >/dev/null
+  retry timeout 900 apt-get update -qq || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive retry timeout 900 apt-get install -y -qq buildah debootstrap \
+    >/dev/null || die "installing buildah and debootstrap failed"
 fi
 
 if [ -z "${STORAGE_DRIVER:-}" ]; then
@@ -89,8 +99,12 @@ if ! "${B[@]}" inspect --type image "$BASE_IMAGE" >/dev/null 2>&1; then
   say "making $BASE_IMAGE with debootstrap ($SUITE, minbase)"
   rootfs="$WORK/rootfs-$SUITE"
   rm -rf "$rootfs"
-  timeout 1200 debootstrap --variant=minbase "$SUITE" "$rootfs" "$DEBIAN_MIRROR" \
-    >"$WORK/logs/debootstrap.log" 2>&1 || die "debootstrap failed: see $WORK/logs/debootstrap.log"
+  debootstrap_once() {
+    rm -rf "$rootfs"
+    timeout 1200 debootstrap --variant=minbase "$SUITE" "$rootfs" "$DEBIAN_MIRROR" \
+      >"$WORK/logs/debootstrap.log" 2>&1
+  }
+  retry debootstrap_once || die "debootstrap failed: see $WORK/logs/debootstrap.log"
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
   ctr=$("${B[@]}" from scratch)
   mnt=$("${B[@]}" mount "$ctr")
