@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export YOLO_CONFIG_DIR ?= $(CURDIR)/.venv/ultralytics-config
 
-.PHONY: setup run run-splat test lint bench
+.PHONY: setup run run-splat serve test lint bench images
 setup:
 	./scripts/setup.sh
 
@@ -14,6 +14,11 @@ run: setup
 run-splat: setup
 	cd examples/splat && ../../$(PY) ../../handlers/splat.py
 
+# The local endpoint server (RunPod's API) for the infer worker; HANDLER=handlers.splat for the other.
+HANDLER ?= handlers.infer
+serve: setup
+	$(PY) -m core.serve $(HANDLER) --port 8000
+
 test: setup
 	$(PY) -m pytest -q
 
@@ -22,3 +27,8 @@ lint: setup
 
 bench: setup
 	$(PY) bench/bench_infer.py
+	$(PY) bench/bench_tasks.py
+
+# Both Docker images built and run with buildah (root; about 11 minutes on 2 cores).
+images: setup
+	scripts/build_images.sh --touch-rebuild
