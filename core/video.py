@@ -67,16 +67,23 @@ def clip_info(request: TaskRequest) -> ClipInfo:
 
 
 def iter_clip_frames(
-    request: TaskRequest, options: VideoOptions, *, max_side: int | None = None
+    request: TaskRequest,
+    options: VideoOptions,
+    *,
+    max_side: int | None = None,
+    warnings: list[str] | None = None,
 ) -> Iterator[VideoFrame]:
     """The sampled frames in order; `invalid_input` when the window holds none. Stops with
     `cancelled` when the local endpoint server cancels the job, so video tasks stop between
-    frames."""
+    frames. With `warnings`, a file whose frames end well before its stated duration (a cut or
+    damaged upload) adds a warning instead of passing for a shorter clip."""
     emitted = 0
+    last_time = 0.0
     for frame in _frames(request, options, max_side):
         if cancel_requested():  # the local endpoint server cancelled the job or it timed out
             raise Cancelled("the job was cancelled (or ran past its execution timeout)")
         emitted += 1
+        last_time = frame.time_s
         yield frame
     if emitted == 0:
         window = f"[{options.start_sec}, {options.end_sec if options.end_sec else 'end'})"
@@ -85,6 +92,24 @@ def iter_clip_frames(
             f"no frames in the window {window} s: the clip is {info.duration_s:.2f} s long "
             f"({info.frame_count} frames); check start_sec and end_sec"
         )
+    if warnings is not None and request.frames is None and emitted < options.max_frames:
+        note = _missing_end(request, options, last_time)
+        if note:
+            warnings.append(note)
+
+
+def _missing_end(request: TaskRequest, options: VideoOptions, last_time: float) -> str | None:
+    info = clip_info(request)
+    if info.duration_s <= 0:  # no stated duration (some live recordings): nothing to compare
+        return None
+    window_end = min(options.end_sec or info.duration_s, info.duration_s)
+    step = 1.0 / options.fps if options.fps else 1.0 / info.fps
+    if window_end - last_time <= step + max(0.5, 0.05 * info.duration_s):
+        return None
+    return (
+        f"video: the frames end at {last_time:.2f} s but the file says {info.duration_s:.2f} s; "
+        "it may be cut short or damaged, and the frames after that are missing"
+    )
 
 
 def _frames(

@@ -546,3 +546,22 @@ def test_real_videos_detection_and_velocity_within_memory(
     )
     assert detect_rss < PEAK_RSS_LIMIT_MIB
     assert velocity_rss < PEAK_RSS_LIMIT_MIB
+
+
+def test_a_clip_cut_short_warns_that_frames_are_missing(inprocess, tmp_path: Path) -> None:
+    # A web-style mp4 (index first) cut near its end still decodes, but only its first frames:
+    # the result must say so, not pass for a shorter clip.
+    clip = synthetic_clip(frame_count=24)
+    whole = faststart_mp4(clip, tmp_path / "faststart.mp4")
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    job = {"task": "object-detection", "model": "yolo11n.pt", "options": {"imgsz": 320}}
+
+    complete = inprocess({**job, "video": b64(whole)})
+    assert "error" not in complete, complete
+    assert complete["video"]["sampled_frames"] == 24
+    assert not any("cut short" in w for w in complete.get("warnings", []))
+
+    cut = inprocess({**job, "video": b64(whole[: int(len(whole) * 0.95)])})
+    assert "error" not in cut, cut
+    assert cut["video"]["sampled_frames"] < 20
+    assert any("cut short or damaged" in w for w in cut["warnings"]), cut.get("warnings")

@@ -250,7 +250,7 @@ def track_clip(
         **half_precision(ctx),
         **extra,
     )
-    frames = iter_clip_frames(request, options)
+    frames = iter_clip_frames(request, options, warnings=ctx.warnings)
     with loaded.lock:
         first = True
         while True:

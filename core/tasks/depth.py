@@ -340,7 +340,7 @@ def run_clip(
     with tempfile.TemporaryDirectory(prefix="depth-", dir=ctx.settings.work_dir) as tmp:
         work = Path(tmp)
         # Pass 1: the model on every frame; raw maps (model resolution) wait on disk.
-        clip = iter_clip_frames(request, options, max_side=options.max_side)
+        clip = iter_clip_frames(request, options, max_side=options.max_side, warnings=ctx.warnings)
         for batch in _batches(clip, batch_size, ctx):
             with ctx.timings.measure("preprocess"):
                 rgb = [cv2.cvtColor(f.pixels, cv2.COLOR_BGR2RGB) for f in batch]

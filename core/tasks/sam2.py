@@ -155,7 +155,7 @@ def _image_object(
 def _read_clip(request: TaskRequest, ctx: JobContext) -> list[VideoFrame]:
     options: Sam2Options = request.options  # type: ignore[assignment]
     frames = []
-    clip = iter_clip_frames(request, options, max_side=options.max_side)
+    clip = iter_clip_frames(request, options, max_side=options.max_side, warnings=ctx.warnings)
     while True:
         with ctx.timings.measure("decode"):
             frame = next(clip, None)

@@ -527,7 +527,9 @@ def run_clip(request: TaskRequest, ctx: JobContext, loaded: LoadedModel) -> dict
             max_num_objects=options.max_objects,
         )
         predictor.setup_model(verbose=False)
-        sampled = iter_clip_frames(request, options, max_side=options.max_side)
+        sampled = iter_clip_frames(
+            request, options, max_side=options.max_side, warnings=ctx.warnings
+        )
         for position, frame in enumerate(_timed(sampled, ctx)):
             with ctx.timings.measure("inference"):
                 if position == 0:
