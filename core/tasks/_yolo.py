@@ -38,8 +38,20 @@ def normalise_name(name: str) -> str:
     return name
 
 
+def keep_torch_threads() -> None:
+    """Ultralytics' `select_device` sets torch's CPU threads to cpu_count - 1 on every predict
+    (meant for its own training loaders): on a 2-core worker that halves every other model's
+    speed. Its constant is pointed at the process's own setting instead."""
+    import torch
+    from ultralytics.utils import torch_utils
+
+    torch_utils.NUM_THREADS = torch.get_num_threads()
+
+
 def _load(path: Path) -> Any:
     from ultralytics import YOLO
+
+    keep_torch_threads()
 
     model = YOLO(str(path))
     if model.task not in TASK_KINDS:

@@ -247,6 +247,9 @@ def _load(path: Path) -> Sam3Model:
         )
     from ultralytics.models.sam.build_sam3 import build_sam3_image_model
 
+    from core.tasks._yolo import keep_torch_threads
+
+    keep_torch_threads()  # its predictors select the device as YOLO's do
     detector = build_sam3_image_model(str(path))
     # Ultralytics loads with strict=False: a partial file would leave random weights silently.
     missing = [k for k in detector.state_dict() if f"detector.{k}" not in keys]
