@@ -58,18 +58,22 @@ def main() -> None:
     from core.jobs import run_infer_job
     from tests.conftest import jpeg_b64, scene_image
 
-    image = jpeg_b64(scene_image(640, 480))
+    # A new image each time: SAM 2 would otherwise reuse its cached image embedding.
+    images = [jpeg_b64(scene_image(640, 480, seed=seed)) for seed in range(args.repeats + 1)]
     for task, extra in jobs.items():
-        job = {"id": "bench", "input": {"task": task, "image": image, **extra}}
+
+        def job(index: int, task: str = task, extra: dict = extra) -> dict:
+            return {"id": "bench", "input": {"task": task, "image": images[index], **extra}}
+
         first_started = time.perf_counter()
-        result = run_infer_job(job)  # loads and warms the model
+        result = run_infer_job(job(0))  # loads and warms the model
         first_ms = (time.perf_counter() - first_started) * 1000
         if "error" in result:
             raise SystemExit(f"{task}: {result['error']}")
         times = []
-        for _ in range(args.repeats):
+        for index in range(1, args.repeats + 1):
             started = time.perf_counter()
-            run_infer_job(job)
+            run_infer_job(job(index))
             times.append((time.perf_counter() - started) * 1000)
         line = {
             "bench": "task_latency_640",
