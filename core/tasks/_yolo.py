@@ -144,23 +144,29 @@ def class_ids(wanted: list[int | str] | None, names: dict[int, str]) -> list[int
     return ids
 
 
+def predict_args(
+    loaded: LoadedModel, options: YoloOptions, ctx: JobContext, **extra: Any
+) -> dict[str, Any]:
+    """Ultralytics' predict/track arguments from the task's options."""
+    return dict(
+        conf=options.threshold,
+        iou=options.iou,
+        max_det=options.max_det,
+        imgsz=options.imgsz,
+        classes=class_ids(options.classes, class_names(loaded.model)),
+        agnostic_nms=options.agnostic_nms,
+        device=ctx.device,
+        verbose=False,
+        **half_precision(ctx),
+        **extra,
+    )
+
+
 def predict(loaded: LoadedModel, request: TaskRequest, ctx: JobContext, **extra: Any) -> list[Any]:
     options: YoloOptions = request.options  # type: ignore[assignment]
-    names = class_names(loaded.model)
+    args = predict_args(loaded, options, ctx, **extra)
     with ctx.timings.measure("inference"), loaded.lock:
-        return loaded.model.predict(
-            source=[image.pixels for image in request.images],
-            conf=options.threshold,
-            iou=options.iou,
-            max_det=options.max_det,
-            imgsz=options.imgsz,
-            classes=class_ids(options.classes, names),
-            agnostic_nms=options.agnostic_nms,
-            device=ctx.device,
-            verbose=False,
-            **half_precision(ctx),
-            **extra,
-        )
+        return loaded.model.predict(source=[image.pixels for image in request.images], **args)
 
 
 def half_precision(ctx: JobContext) -> dict[str, Any]:
@@ -249,19 +255,7 @@ def track_clip(
     The model's lock is held for the whole clip: the tracker's state lives on the model's
     predictor, so two clips must not interleave. The first frame starts fresh trackers."""
     options: YoloOptions = request.options  # type: ignore[assignment]
-    names = class_names(loaded.model)
-    args: dict[str, Any] = dict(
-        conf=options.threshold,
-        iou=options.iou,
-        max_det=options.max_det,
-        imgsz=options.imgsz,
-        classes=class_ids(options.classes, names),
-        agnostic_nms=options.agnostic_nms,
-        device=ctx.device,
-        verbose=False,
-        **half_precision(ctx),
-        **extra,
-    )
+    args = predict_args(loaded, options, ctx, **extra)
     frames = iter_clip_frames(request, options, warnings=ctx.warnings)
     with loaded.lock:
         first = True
