@@ -175,24 +175,20 @@ def _attach_media(
     settings = ctx.settings
     ((field_name, value),) = given.items()
 
-    if field_name == "images":
-        if "image" not in task.media:
-            raise InvalidInput(f"{task.name} does not take images")
-        if len(value) > settings.max_batch_images:
+    if field_name in ("images", "frames"):
+        # A list: a batch of images, or a clip sent as images (the Orbit app's `frames`).
+        medium, limit, setting, what = (
+            ("image", settings.max_batch_images, "MAX_BATCH_IMAGES", "images")
+            if field_name == "images"
+            else ("video", settings.max_input_frames, "MAX_INPUT_FRAMES", "a clip (`frames`)")
+        )
+        if medium not in task.media:
+            raise InvalidInput(f"{task.name} does not take {what}")
+        if len(value) > limit:
             raise InvalidInput(
-                f"images has {len(value)} items; the limit is {settings.max_batch_images} "
-                "(MAX_BATCH_IMAGES)"
+                f"{field_name} has {len(value)} items; the limit is {limit} ({setting})"
             )
-        refs = [(f"images[{i}]", ref) for i, ref in enumerate(value)]
-    elif field_name == "frames":
-        if "video" not in task.media:
-            raise InvalidInput(f"{task.name} does not take a clip (`frames`)")
-        if len(value) > settings.max_input_frames:
-            raise InvalidInput(
-                f"frames has {len(value)} items; the limit is {settings.max_input_frames} "
-                "(MAX_INPUT_FRAMES)"
-            )
-        refs = [(f"frames[{i}]", ref) for i, ref in enumerate(value)]
+        refs = [(f"{field_name}[{i}]", ref) for i, ref in enumerate(value)]
     else:
         refs = [(field_name, value)]
 
