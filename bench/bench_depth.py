@@ -87,7 +87,7 @@ def main() -> None:
 
     import torch
 
-    from core.jobs import run_infer_job
+    from core.apps import run_infer as run_infer_job
     from core.media import decode_image
     from core.tasks.depth import load_depth, resize_depth
 

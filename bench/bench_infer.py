@@ -77,7 +77,7 @@ def main() -> None:
     os.environ["WEIGHTS_DIR"] = str(weights)
     os.environ.setdefault("ALLOW_MODEL_DOWNLOADS", "false")
 
-    from core.jobs import run_infer_job
+    from core.apps import run_infer as run_infer_job
     from core.media import decode_image
     from core.tasks._yolo import load_yolo
 

@@ -78,7 +78,8 @@ def main() -> None:
 
     import torch
 
-    from core.jobs import run_infer_job, worker_device
+    from core.apps import run_infer as run_infer_job
+    from core.models import worker_device
     from scripts.synthetic_shapes import render_scene
 
     common = {"model": args.model, "device": worker_device(), "threads": torch.get_num_threads()}

@@ -84,7 +84,7 @@ def jpeg_b64(pixels: np.ndarray) -> str:
 
 
 def run_job(job_input: dict[str, Any]) -> tuple[dict[str, Any], float]:
-    from core.jobs import run_infer_job
+    from core.apps import run_infer as run_infer_job
 
     started = time.perf_counter()
     result = run_infer_job({"id": "bench", "input": job_input})

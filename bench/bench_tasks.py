@@ -55,7 +55,7 @@ def main() -> None:
 
     import torch
 
-    from core.jobs import run_infer_job
+    from core.apps import run_infer as run_infer_job
     from tests.conftest import jpeg_b64, scene_image
 
     # A new image each time: SAM 2 would otherwise reuse its cached image embedding.

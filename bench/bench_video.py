@@ -119,7 +119,8 @@ def main() -> None:
 
     import torch
 
-    from core.jobs import run_infer_job, worker_device
+    from core.apps import run_infer as run_infer_job
+    from core.models import worker_device
     from core.tasks._flow import DisFlow, RaftFlow, load_raft
 
     video, source = footage()

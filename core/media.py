@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -201,6 +202,80 @@ def probe_video(source: bytes | Path, field: str = "video") -> VideoInfo:
         container.close()
 
 
+def longest_side_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """(w, h) scaled so the longer side is at most `max_side`; never enlarged, never 0."""
+    if not max_side or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def fit_longest_side(pixels: np.ndarray, max_side: int | None) -> np.ndarray:
+    """Downscale (INTER_AREA, never upscale) so the longer side is at most `max_side`."""
+    height, width = pixels.shape[:2]
+    size = longest_side_size(width, height, max_side)
+    if size == (width, height):
+        return pixels
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+
+
+def window_error(start_sec: float, end_sec: float | None) -> str | None:
+    """Why [start_sec, end_sec) is not a time window, or None when it is."""
+    if end_sec is not None and end_sec <= start_sec:
+        return f"end_sec ({end_sec}) must be after start_sec ({start_sec})"
+    return None
+
+
+FrameT = TypeVar("FrameT")
+
+
+class FrameWindow:
+    """Which frames of a clip to keep, by their times: those in [start_sec, end_sec), at most
+    one per 1/fps seconds (every one when fps is None), at most `max_frames` of them."""
+
+    def __init__(
+        self,
+        fps: float | None,
+        start_sec: float = 0.0,
+        end_sec: float | None = None,
+        max_frames: int | None = None,
+    ) -> None:
+        self.step = 1.0 / fps if fps else 0.0
+        self.start_sec, self.end_sec, self.max_frames = start_sec, end_sec, max_frames
+        self.next_time = start_sec
+        self.kept = 0
+
+    def admit(self, time_s: float) -> bool | None:
+        """True: keep this frame; False: skip it; None: the window is over, stop reading."""
+        if time_s + 1e-6 < self.start_sec:
+            return False
+        if self.end_sec is not None and time_s >= self.end_sec:
+            return None
+        if self.step and time_s + 1e-6 < self.next_time:
+            return False
+        self.kept += 1
+        if self.step:  # the next slot after this frame, skipping any the clip jumped over
+            self.next_time += self.step * max(
+                1, int((time_s + 1e-6 - self.next_time) / self.step) + 1
+            )
+        return True
+
+    @property
+    def full(self) -> bool:
+        return self.max_frames is not None and self.kept >= self.max_frames
+
+    def select(self, timed: Iterable[tuple[float, FrameT]]) -> Iterator[tuple[float, FrameT]]:
+        """The (time, frame) pairs kept, reading `timed` no further than the window needs."""
+        for time_s, frame in timed:
+            keep = self.admit(time_s)
+            if keep is None:
+                return
+            if keep:
+                yield time_s, frame
+                if self.full:
+                    return
+
+
 def iter_video_frames(
     source: bytes | Path,
     *,
@@ -210,12 +285,13 @@ def iter_video_frames(
     max_frames: int | None = None,
     max_side: int | None = None,
     field: str = "video",
-) -> Iterator[VideoFrame]:
+) -> Generator[VideoFrame, None, None]:
     """Decode frames in [start_sec, end_sec), at most one per 1/fps seconds (all when None)."""
     import av
 
-    if end_sec is not None and end_sec <= start_sec:
-        raise InvalidInput(f"end_sec ({end_sec}) must be after start_sec ({start_sec})")
+    problem = window_error(start_sec, end_sec)
+    if problem:
+        raise InvalidInput(problem)
     container = _open_container(source, field)
     try:
         stream = container.streams.video[0]
@@ -229,33 +305,18 @@ def iter_video_frames(
             # Seek to the keyframe before start; frames before start are skipped below.
             target = int((start_sec + origin) / stream.time_base)
             container.seek(target, stream=stream, backward=True)
-        step = 1.0 / fps if fps else 0.0
-        next_time = start_sec
-        emitted = 0
-        sequential_index = -1
-        for frame in container.decode(stream):
-            sequential_index += 1
-            if frame.pts is not None and frame.time_base is not None:
-                time_s = float(frame.pts * frame.time_base) - origin
-            else:
-                time_s = sequential_index / rate
-            if time_s + 1e-6 < start_sec:
-                continue
-            if end_sec is not None and time_s >= end_sec:
-                break
-            if step and time_s + 1e-6 < next_time:
-                continue
-            pixels = frame.to_ndarray(format="bgr24")
-            if max_side and max(pixels.shape[:2]) > max_side:
-                scale = max_side / max(pixels.shape[:2])
-                size = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
-                pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+
+        def timed() -> Iterator[tuple[float, Any]]:
+            for sequential_index, frame in enumerate(container.decode(stream)):
+                if frame.pts is not None and frame.time_base is not None:
+                    yield float(frame.pts * frame.time_base) - origin, frame
+                else:
+                    yield sequential_index / rate, frame
+
+        window = FrameWindow(fps, start_sec, end_sec, max_frames)
+        for time_s, frame in window.select(timed()):  # frames are converted only when kept
+            pixels = fit_longest_side(frame.to_ndarray(format="bgr24"), max_side)
             yield VideoFrame(index=round(time_s * rate), time_s=time_s, pixels=pixels)
-            emitted += 1
-            if step:
-                next_time += step * max(1, int((time_s + 1e-6 - next_time) / step) + 1)
-            if max_frames is not None and emitted >= max_frames:
-                break
     except av.FFmpegError as exc:
         raise MediaDecodeFailed(f"{field}: decoding failed ({exc})") from exc
     finally:

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from core.config import Settings, get_settings
 from core.errors import InvalidInput, ModelUnavailable
+from core.retry import backoff_s
 
 log = logging.getLogger("worker.models")
 
@@ -29,6 +32,12 @@ def resolve_device(setting: str) -> str:
     if setting != "auto":
         return setting
     return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+@lru_cache(maxsize=1)
+def worker_device() -> str:
+    """The device this worker runs its models on (the DEVICE setting, resolved once)."""
+    return resolve_device(get_settings().device)
 
 
 @dataclass
@@ -63,6 +72,49 @@ def check_model_name(name: str) -> PurePosixPath:
 
 Downloader = Callable[[Path], None]
 Loader = Callable[[Path], Any]
+
+
+def download_whole(
+    target: Path,
+    fetch: Callable[[Path], Path | None],
+    *,
+    what: str,
+    permanent: tuple[type[BaseException], ...] = (),
+) -> None:
+    """Weights into `target` whole or not at all, with the worker's bounded retries.
+
+    `fetch(partial)` writes a file or folder at `partial` (beside the target, so the final
+    rename stays on one file system) and returns what to move into place (default `partial`).
+    Errors in `permanent` (no such file, no access, offline) are raised at once; any other
+    is retried with `core.retry.backoff_s`, FETCH_RETRIES times. Nothing is left half-written
+    under the real name, and no partial survives a failure.
+    """
+    attempts = get_settings().fetch_retries + 1
+    partial = target.with_name(f"{target.name}.partial")
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(backoff_s(attempt))
+        _remove(partial)
+        try:
+            produced = fetch(partial) or partial
+            Path(produced).replace(target)
+            log.info("downloaded %s to %s", what, target)
+            return
+        except permanent:
+            raise
+        except Exception as exc:  # network and server errors: bounded retries
+            if attempt + 1 == attempts:
+                raise
+            log.warning("download of %s failed (%s); retrying", what, exc)
+        finally:
+            _remove(partial)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class ModelRegistry:

@@ -2,17 +2,15 @@
 
 Every source is capped in bytes. URLs are fetched with a timeout and a bounded retry on
 transient failures, and refused when any address they resolve to (or redirect to) is
-private, loopback or link-local, unless ALLOW_PRIVATE_URLS lifts the guard.
+private, loopback or link-local (`core/netguard.py`), unless ALLOW_PRIVATE_URLS lifts it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import logging
 import re
-import socket
 import time
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
@@ -22,6 +20,8 @@ import requests
 from core.config import Settings
 from core.errors import FetchFailed, InvalidInput, MediaDecodeFailed, PayloadTooLarge
 from core.media import sniff_media_type
+from core.netguard import check_public_host, redact_url
+from core.retry import backoff_s
 from core.storage import BucketTarget, s3_client
 
 log = logging.getLogger("worker.payload")
@@ -103,45 +103,20 @@ def _decode_data_uri(uri: str, field: str, limit: int) -> bytes:
 # http(s)
 
 
-def check_public_host(host: str, port: int | None, settings: Settings, field: str) -> None:
-    """Refuse hosts that resolve to anything but public addresses (SSRF guard)."""
-    if settings.allow_private_urls:
-        return
-    try:
-        infos = socket.getaddrinfo(host, port or 443, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
-        raise FetchFailed(f"{field}: cannot resolve host {host!r} ({exc})") from exc
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        if not address.is_global:
-            raise InvalidInput(
-                f"{field}: {host} resolves to a private or loopback address ({address}); "
-                "such URLs are refused unless ALLOW_PRIVATE_URLS=true"
-            )
-
-
-def _redact(url: str) -> str:
-    """The URL without its query string, which often carries signatures."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
-
-
 def fetch_url(url: str, settings: Settings, *, field: str = "image") -> bytes:
     limit = settings.max_input_bytes
     attempts = settings.fetch_retries + 1
     last_error = "no attempt made"
     for attempt in range(attempts):
         if attempt:
-            time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
+            time.sleep(backoff_s(attempt))
         try:
             return _fetch_once(url, settings, field, limit)
         except _Transient as exc:
             last_error = str(exc)
             log.warning("%s: fetch attempt %d/%d failed: %s", field, attempt + 1, attempts, exc)
     raise FetchFailed(
-        f"{field}: could not fetch {_redact(url)} after {attempts} tries: {last_error}"
+        f"{field}: could not fetch {redact_url(url)} after {attempts} tries: {last_error}"
     )
 
 
@@ -154,14 +129,14 @@ def _fetch_once(url: str, settings: Settings, field: str, limit: int) -> bytes:
     for _hop in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidInput(f"{field}: {_redact(url)} is not an http(s) URL")
+            raise InvalidInput(f"{field}: {redact_url(url)} is not an http(s) URL")
         check_public_host(parts.hostname, parts.port, settings, field)
         try:
             response = requests.get(url, stream=True, timeout=timeout, allow_redirects=False)
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _Transient(f"{type(exc).__name__}: {exc}") from exc
         except requests.RequestException as exc:
-            raise FetchFailed(f"{field}: could not fetch {_redact(url)} ({exc})") from exc
+            raise FetchFailed(f"{field}: could not fetch {redact_url(url)} ({exc})") from exc
         with response:
             if response.is_redirect and "location" in response.headers:
                 url = urljoin(url, response.headers["location"])
@@ -170,13 +145,13 @@ def _fetch_once(url: str, settings: Settings, field: str, limit: int) -> bytes:
                 raise _Transient(f"HTTP {response.status_code}")
             if response.status_code >= 400:
                 raise FetchFailed(
-                    f"{field}: {_redact(url)} answered HTTP {response.status_code}",
+                    f"{field}: {redact_url(url)} answered HTTP {response.status_code}",
                     status=response.status_code,
                 )
             declared = response.headers.get("content-length")
             if declared and declared.isdigit() and int(declared) > limit:
                 raise PayloadTooLarge(
-                    f"{field}: {_redact(url)} is {declared} bytes; the limit is {limit} "
+                    f"{field}: {redact_url(url)} is {declared} bytes; the limit is {limit} "
                     "(MAX_INPUT_BYTES)"
                 )
             chunks, total = [], 0
@@ -185,13 +160,13 @@ def _fetch_once(url: str, settings: Settings, field: str, limit: int) -> bytes:
                     total += len(chunk)
                     if total > limit:
                         raise PayloadTooLarge(
-                            f"{field}: {_redact(url)} is over the {limit}-byte limit"
+                            f"{field}: {redact_url(url)} is over the {limit}-byte limit"
                         )
                     chunks.append(chunk)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 raise _Transient(f"download interrupted: {exc}") from exc
             return b"".join(chunks)
-    raise FetchFailed(f"{field}: more than {MAX_REDIRECTS} redirects from {_redact(url)}")
+    raise FetchFailed(f"{field}: more than {MAX_REDIRECTS} redirects from {redact_url(url)}")
 
 
 # --------------------------------------------------------------------------------------------

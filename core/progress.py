@@ -1,9 +1,9 @@
 """Throttled progress reporting to the job: on a stage change, else at most once per interval.
 
 On RunPod the updates go through `runpod.serverless.progress_update` (looked up at call time,
-so a local server can stand in for it); under the local endpoint server (`core.serve`) they
-go to the running job's /status; elsewhere they are logged. Nothing is sent after
-`close()`, which the runner calls before the job returns.
+so a local server can stand in for it); where a job control is bound (`core/control.py`, set
+by the local endpoint server) they go to its callback, the job's /status; elsewhere they are
+logged. Nothing is sent after `close()`, which the runner calls before the job returns.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from core.serve import context as serve_context
+from core import control as job_control
 
 log = logging.getLogger("worker.progress")
 
@@ -33,8 +33,8 @@ def log_sink(job: dict[str, Any], update: dict[str, Any]) -> None:
 
 
 def default_sink() -> ProgressSink:
-    # Under the local endpoint server (core.serve) the job's /status shows the updates.
-    control = serve_context.current()
+    # A bound job control (the local endpoint server sets one) receives the updates.
+    control = job_control.current()
     if control is not None:
         return control.report_progress
     # The SDK's update posts to RunPod's job API; with no API (local runs) it would only fail.

@@ -7,11 +7,22 @@ out-of-range values are errors naming the field.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from core.encode import MASK_FORMATS
+from core.media import window_error
+
+
+def _lower_mask_format(value: Any) -> Any:
+    if isinstance(value, str) and value.lower() in MASK_FORMATS:
+        return value.lower()
+    return value
+
+
+MaskFormat = Annotated[Literal["polygon", "rle", "png"], BeforeValidator(_lower_mask_format)]
+"""How a mask is encoded (`core/encode.py`): any case is accepted."""
 
 
 class InferRequest(BaseModel):
@@ -24,15 +35,11 @@ class InferRequest(BaseModel):
     image: str | None = None
     images: list[str] | None = Field(default=None, min_length=1)
     video: str | None = None
-    # The Orbit app's shape: a clip as a list of images, with its frame rate and size.
+    # A clip as a list of images, in order, with its frame rate.
     frames: list[str] | None = Field(default=None, min_length=1)
     fps: float | None = Field(default=None, gt=0, le=240)
-    width: int | None = Field(default=None, ge=1)
-    height: int | None = Field(default=None, ge=1)
-    prompt_points: list[dict[str, Any]] | None = None
-    # The Perception Concept Studio's shape.
-    payloadBase64: str | None = None
-    mimeType: str | None = None
+    media: str | None = None
+    """An image or a video, told apart by its bytes (for clients that do not know which)."""
     options: dict[str, Any] = Field(default_factory=dict)
     annotate: bool | None = None
 
@@ -72,8 +79,9 @@ class VideoOptions(TaskOptions):
 
     @model_validator(mode="after")
     def _end_after_start(self) -> VideoOptions:
-        if self.end_sec is not None and self.end_sec <= self.start_sec:
-            raise ValueError(f"end_sec ({self.end_sec}) must be after start_sec ({self.start_sec})")
+        problem = window_error(self.start_sec, self.end_sec)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -118,14 +126,7 @@ class DetectionOptions(YoloOptions):
 
 
 class SegmentationOptions(YoloOptions):
-    mask_format: Literal["polygon", "rle", "png"] = "polygon"
-
-    @field_validator("mask_format", mode="before")
-    @classmethod
-    def _lower(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.lower() in MASK_FORMATS:
-            return value.lower()
-        return value
+    mask_format: MaskFormat = "polygon"
 
 
 class PoseOptions(YoloOptions):

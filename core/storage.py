@@ -18,9 +18,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 from core.config import Settings
 from core.errors import InvalidInput, UploadFailed
+from core.netguard import check_public_host
 
 log = logging.getLogger("worker.storage")
 
@@ -59,11 +61,7 @@ class BucketTarget:
             raise InvalidInput("s3Config needs bucketName, accessId, accessSecret, endpointUrl")
         endpoint = s3_config.get("endpointUrl") or None
         if endpoint:
-            from urllib.parse import urlsplit
-
-            from core.payload import check_public_host  # the job chose it: same SSRF guard
-
-            parts = urlsplit(str(endpoint))
+            parts = urlsplit(str(endpoint))  # the job chose it: the same SSRF guard
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise InvalidInput("s3Config.endpointUrl must be an http(s) URL")
             check_public_host(parts.hostname, parts.port, settings, "s3Config.endpointUrl")

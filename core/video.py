@@ -12,15 +12,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import cv2
-
+from core.control import cancel_requested
 from core.errors import Cancelled, InvalidInput
-from core.media import VideoFrame, iter_video_frames, probe_video
+from core.media import (
+    FrameWindow,
+    VideoFrame,
+    fit_longest_side,
+    iter_video_frames,
+    probe_video,
+)
 from core.schemas import VideoOptions
-from core.serve.context import cancel_requested
 
 if TYPE_CHECKING:
-    from core.jobs import JobContext, TaskRequest
+    from core.contract import JobContext, TaskRequest
 
 DEFAULT_FRAMES_FPS = 30.0
 
@@ -127,28 +131,11 @@ def _frames(
         )
         return
     rate = request.frames_fps or DEFAULT_FRAMES_FPS
-    step = 1.0 / options.fps if options.fps else 0.0
-    next_time = options.start_sec
-    emitted = 0
-    for index, image in enumerate(request.frames):
-        time_s = index / rate
-        if time_s + 1e-6 < options.start_sec:
-            continue
-        if options.end_sec is not None and time_s >= options.end_sec:
-            break
-        if step and time_s + 1e-6 < next_time:
-            continue
-        pixels = image.pixels
-        if max_side and max(pixels.shape[:2]) > max_side:
-            scale = max_side / max(pixels.shape[:2])
-            size = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
-            pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+    window = FrameWindow(options.fps, options.start_sec, options.end_sec, options.max_frames)
+    timed = ((index / rate, (index, image)) for index, image in enumerate(request.frames))
+    for time_s, (index, image) in window.select(timed):
+        pixels = fit_longest_side(image.pixels, max_side)
         yield VideoFrame(index=index, time_s=time_s, pixels=pixels)
-        emitted += 1
-        if step:
-            next_time += step * max(1, int((time_s + 1e-6 - next_time) / step) + 1)
-        if emitted >= options.max_frames:
-            break
 
 
 def frame_stamp(frame: VideoFrame) -> dict[str, Any]:

@@ -10,16 +10,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.apps import run_infer
 from core.config import get_settings
 from core.errors import WorkerError
-from core.jobs import configure_logging, preload, run_infer_job, worker_device
+from core.infer import preload
+from core.models import worker_device
 from core.tasks import load_all
+from core.worker import configure_logging
 
 log = logging.getLogger("worker")
 
 
-def handler(job: dict[str, Any]) -> dict[str, Any]:
-    return run_infer_job(job)
+def handler(job: dict[str, Any]) -> Any:
+    return run_infer(job)
 
 
 def startup() -> None:

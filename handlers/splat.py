@@ -10,14 +10,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.jobs import configure_logging
-from core.splat.pipeline import run_splat_job
+from core.apps import run_splat
+from core.worker import configure_logging
 
 log = logging.getLogger("worker")
 
 
-def handler(job: dict[str, Any]) -> dict[str, Any]:
-    return run_splat_job(job)
+def handler(job: dict[str, Any]) -> Any:
+    return run_splat(job)
 
 
 def startup() -> None:

@@ -130,7 +130,7 @@ def worker(weights_dir: Path, tmp_path: Path):
 @pytest.fixture()
 def inprocess(weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The real job runner in this process, with settings for the test; returns a caller."""
-    import core.jobs
+    import core.apps
     import core.models
     from core.config import get_settings
 
@@ -145,12 +145,12 @@ def inprocess(weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     def reset() -> None:
         get_settings.cache_clear()
         core.models._registry = None
-        core.jobs.worker_device.cache_clear()
+        core.models.worker_device.cache_clear()
 
     reset()
 
     def call(job_input: Any, job_id: str = "test-job", **job_extra: Any) -> dict[str, Any]:
-        return core.jobs.run_infer_job({"id": job_id, "input": job_input, **job_extra})
+        return core.apps.run_infer({"id": job_id, "input": job_input, **job_extra})
 
     call.reset = reset  # type: ignore[attr-defined]
     yield call

@@ -21,8 +21,8 @@ import requests
 import runpod
 import uvicorn
 
+from core.control import cancel_requested
 from core.serve.app import create_app
-from core.serve.context import cancel_requested
 from core.serve.runner import Runner
 from core.serve.settings import ServeSettings
 from core.serve.store import FINAL_STATES, JobStore

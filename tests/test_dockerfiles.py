@@ -150,7 +150,7 @@ def test_splat_compiles_gsplat_at_build_time_only_with_nvcc() -> None:
 
 
 def test_infer_bakes_weights_before_the_code_and_preloads_baked_models() -> None:
-    from core.jobs import parse_preload
+    from core.infer import parse_preload
     from core.tasks import get_task
 
     steps = instructions("Dockerfile")

@@ -61,7 +61,7 @@ def sam3_jobs(
 ) -> Iterator[Any]:
     """The job runner in this process with one SAM 3 loaded for the whole module (the stock
     `inprocess` fixture reloads per test, 25 s each)."""
-    import core.jobs
+    import core.apps
     import core.models
     from core.config import get_settings
 
@@ -70,7 +70,7 @@ def sam3_jobs(
     def reset() -> None:
         get_settings.cache_clear()
         core.models._registry = None
-        core.jobs.worker_device.cache_clear()
+        core.models.worker_device.cache_clear()
 
     with pytest.MonkeyPatch.context() as patch:
         for key in ("WEIGHTS_DIR", "VOLUME_WEIGHTS_DIR", "ALLOW_MODEL_DOWNLOADS"):
@@ -81,7 +81,7 @@ def sam3_jobs(
         reset()
 
         def call(job_input: dict[str, Any]) -> dict[str, Any]:
-            return core.jobs.run_infer_job({"id": "sam3-test", "input": job_input})
+            return core.apps.run_infer({"id": "sam3-test", "input": job_input})
 
         yield call
         reset()

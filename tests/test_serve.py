@@ -132,7 +132,7 @@ def test_runpod_asyncio_client(server: LocalServer) -> None:
 GENERATOR_MODULE = '''
 import time
 
-from core.serve.context import cancel_requested
+from core.control import cancel_requested
 
 CLOSED = []
 

@@ -22,7 +22,7 @@ from tests.serve_helpers import local_server, wait_until
 @pytest.fixture()
 def worker_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Settings for jobs run in this process (core.config reads them once per process)."""
-    import core.jobs
+    import core.apps
     import core.models
     from core.config import get_settings
 
@@ -39,7 +39,7 @@ def worker_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     def reset() -> None:
         get_settings.cache_clear()
         core.models._registry = None
-        core.jobs.worker_device.cache_clear()
+        core.models.worker_device.cache_clear()
 
     reset()
     yield work

@@ -30,6 +30,12 @@ import pytest
 
 from core.errors import InvalidInput, MediaDecodeFailed, PayloadTooLarge, SfmFailed
 from core.progress import ProgressReporter
+from core.splat.export import (
+    CV_TO_GL,
+    camera_to_world_from_transforms,
+    to_cameras_json,
+    to_transforms_json,
+)
 from core.splat.frames import (
     load_photos,
     photos_from_zip,
@@ -37,15 +43,7 @@ from core.splat.frames import (
     sharpness,
     write_frames,
 )
-from core.splat.sfm import (
-    CV_TO_GL,
-    SfmResult,
-    camera_to_world_from_transforms,
-    run_sfm,
-    to_cameras_json,
-    to_transforms_json,
-    undistort_to_pinhole,
-)
+from core.splat.sfm import SfmResult, run_sfm, undistort_to_pinhole
 from tests.splat_scene import encode_mp4, pan_views, pose_errors, random_texture, render_views
 
 N_VIEWS = 32

@@ -1,7 +1,7 @@
 """Runs the queued jobs: N worker threads beside the preloaded models, a monitor, webhooks.
 
 A worker thread claims the oldest queued job from the store, binds the job's `JobControl`
-(core/serve/context.py) and calls the handler as RunPod's SDK does: a plain function, a
+(core/control.py) and calls the handler as RunPod's SDK does: a plain function, a
 coroutine, a generator or an async generator (each yield is a /stream chunk). The result
 becomes COMPLETED or FAILED by the SDK's rules (a dict's `error` key fails the job).
 
@@ -24,7 +24,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, suppress
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ from typing import Any
 
 import requests
 
-from core.serve import context
+from core import control as context
 from core.serve.settings import ServeSettings
 from core.serve.store import (
     CANCELLED,
@@ -437,7 +437,8 @@ class Runner:
                 if a.deadline is not None and now >= a.deadline and not a.control.stop.is_set()
             ]
         for active in overdue:
-            limit_ms = round((active.deadline - active.started) * 1000)  # type: ignore[operator]
+            assert active.deadline is not None  # overdue ones have a deadline
+            limit_ms = round((active.deadline - active.started) * 1000)
             record = self.store.finish(
                 active.record.id,
                 TIMED_OUT,
@@ -537,7 +538,7 @@ def _run_coroutine(awaitable: Any) -> Any:
     return asyncio.run(wrap())
 
 
-def _iterate(stream: Any, stop: threading.Event) -> Iterator[Any]:
+def _iterate(stream: Any, stop: threading.Event) -> Generator[Any, None, None]:
     """A generator's or an async generator's items, until it ends or `stop` is set; the
     generator is closed either way (its `finally` blocks run)."""
     if inspect.isasyncgen(stream):
@@ -583,5 +584,5 @@ def install_sdk_progress_hook() -> None:
             else:
                 control.report_progress(job, progress)
 
-        progress_update._serve_hook = True  # type: ignore[attr-defined]
+        vars(progress_update)["_serve_hook"] = True  # a function attribute (mypy has none)
         runpod.serverless.progress_update = progress_update

@@ -13,6 +13,8 @@ Formats:
 * ``write_compressed_ply``: PlayCanvas/SuperSplat ``.compressed.ply`` (chunks of 256
   Gaussians with quantised position/rotation/scale/colour and 8-bit SH), byte-compatible
   with gsplat's ``export_splats(format="ply_compressed")``.
+* ``to_transforms_json`` / ``to_cameras_json``: the camera files splat trainers read
+  (nerfstudio ``transforms.json``, INRIA ``cameras.json``) from an SfM result.
 
 Arrays follow gsplat's parameter layout: ``means [N,3]``, ``scales_log [N,3]``,
 ``quats [N,4]`` (wxyz), ``opacity_logit [N]``, ``sh_dc [N,3]`` (or ``[N,1,3]``) and
@@ -23,16 +25,24 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from plyfile import PlyData, PlyElement
 
+if TYPE_CHECKING:  # annotations only: sfm's types are not needed at run time
+    from core.splat.sfm import CameraIntrinsics, SfmResult
+
 __all__ = [
+    "CV_TO_GL",
     "SH_C0",
+    "camera_to_world_from_transforms",
     "decode_splat",
     "encode_splat",
     "read_ply",
+    "to_cameras_json",
+    "to_transforms_json",
     "write_compressed_ply",
     "write_ply",
     "write_rgb_ply",
@@ -391,3 +401,83 @@ def write_compressed_ply(
         if rest_cm.shape[1]:
             f.write(sh_q.tobytes())
     return n
+
+
+# ---------------------------------------------------------- camera files for trainers
+# Poses and intrinsics as core.splat.sfm gives them (COLMAP's conventions, see there).
+
+# OpenCV camera axes (x right, y down, z forward) to OpenGL's (x right, y up, z backward):
+# flip the camera's y and z axes, i.e. right-multiply camera-to-world by diag(1, -1, -1, 1).
+CV_TO_GL = np.diag([1.0, -1.0, -1.0, 1.0])
+
+
+def _camera_entry(cam: CameraIntrinsics) -> dict[str, Any]:
+    return {
+        "fl_x": cam.fx,
+        "fl_y": cam.fy,
+        "cx": cam.cx,
+        "cy": cam.cy,
+        "w": cam.width,
+        "h": cam.height,
+        "camera_model": "OPENCV",
+        **cam.distortion(),
+    }
+
+
+def to_transforms_json(
+    result: SfmResult, *, image_prefix: str = "images/", ply_file_path: str | None = None
+) -> dict[str, Any]:
+    """nerfstudio / instant-ngp ``transforms.json``.
+
+    ``transform_matrix`` is camera-to-world in the OpenGL camera convention nerfstudio reads:
+    ``[R^T | C] @ diag(1, -1, -1, 1)``, i.e. COLMAP's camera-to-world with the camera's y and
+    z axes negated. The world frame is COLMAP's, unchanged, so ``applied_transform`` (which
+    nerfstudio applies to ``ply_file_path`` points) is the identity: COLMAP points can be
+    used as they are. (nerfstudio's own ``colmap_to_json`` additionally swaps world x/y and
+    negates z, recording that swap in ``applied_transform``; either is self-consistent.)
+    Intrinsics go at the top level when one camera is shared, else into each frame.
+    """
+    cameras = {im.camera_id: im.intrinsics for im in result.images}
+    shared = len(cameras) == 1
+    out: dict[str, Any] = {}
+    if shared:
+        out.update(_camera_entry(next(iter(cameras.values()))))
+    frames = []
+    for image in result.images:
+        frame: dict[str, Any] = {
+            "file_path": f"{image_prefix}{image.name}",
+            "transform_matrix": (image.camera_to_world @ CV_TO_GL).tolist(),
+            "colmap_im_id": image.image_id,
+        }
+        if not shared:
+            frame.update(_camera_entry(image.intrinsics))
+        frames.append(frame)
+    out["frames"] = frames
+    out["applied_transform"] = np.eye(4)[:3].tolist()
+    if ply_file_path:
+        out["ply_file_path"] = ply_file_path
+    return out
+
+
+def to_cameras_json(result: SfmResult) -> list[dict[str, Any]]:
+    """The INRIA 3DGS ``cameras.json``: per camera ``position`` (the centre C) and
+    ``rotation`` (3x3 camera-to-world, R^T, OpenCV camera axes), ``fx``/``fy`` in pixels,
+    and ``img_name`` without extension, as ``camera_to_JSON`` in the INRIA code writes."""
+    return [
+        {
+            "id": i,
+            "img_name": Path(image.name).stem,
+            "width": image.intrinsics.width,
+            "height": image.intrinsics.height,
+            "position": image.center.tolist(),
+            "rotation": image.rotation.T.tolist(),
+            "fx": image.intrinsics.fx,
+            "fy": image.intrinsics.fy,
+        }
+        for i, image in enumerate(result.images)
+    ]
+
+
+def camera_to_world_from_transforms(matrix: Any) -> np.ndarray:
+    """Inverse of the transforms.json convention: OpenGL camera-to-world back to OpenCV."""
+    return np.asarray(matrix, dtype=np.float64) @ CV_TO_GL

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import re
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -21,14 +20,22 @@ import cv2
 import numpy as np
 
 from core.errors import InvalidInput, MediaDecodeFailed, PayloadTooLarge
-from core.media import IMAGE_TYPES, VideoFrame, decode_image, iter_video_frames, sniff_media_type
+from core.media import (
+    IMAGE_TYPES,
+    VideoFrame,
+    decode_image,
+    fit_longest_side,
+    iter_video_frames,
+    sniff_media_type,
+    window_error,
+)
+from core.naming import natural_key
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "iter_sharp_frames",
     "load_photos",
     "photos_from_zip",
-    "resize_max_side",
     "select_sharp_frames",
     "sharpness",
     "write_frames",
@@ -44,19 +51,10 @@ _SHARPNESS_SIDE = 640
 _WINDOW_EPS = 1e-3
 
 
-def resize_max_side(pixels: np.ndarray, max_side: int | None) -> np.ndarray:
-    """Downscale (never upscale) so the longer side is at most ``max_side``."""
-    if not max_side or max(pixels.shape[:2]) <= max_side:
-        return pixels
-    scale = max_side / max(pixels.shape[:2])
-    size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
-    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
-
-
 def sharpness(pixels: np.ndarray) -> float:
     """Variance of the Laplacian of a downscaled grayscale copy: higher is sharper."""
     gray = pixels if pixels.ndim == 2 else cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY)
-    gray = resize_max_side(gray, _SHARPNESS_SIDE)
+    gray = fit_longest_side(gray, _SHARPNESS_SIDE)
     return float(cv2.Laplacian(gray, cv2.CV_64F).var())
 
 
@@ -85,8 +83,9 @@ def iter_sharp_frames(
         raise InvalidInput(f"fps must be a positive number, got {fps!r}")
     if max_frames is not None and max_frames < 1:
         raise InvalidInput(f"max_frames must be at least 1, got {max_frames}")
-    if end_sec is not None and end_sec <= start_sec:
-        raise InvalidInput(f"end_sec ({end_sec}) must be after start_sec ({start_sec})")
+    problem = window_error(start_sec, end_sec)
+    if problem:
+        raise InvalidInput(problem)
     # Validated above, eagerly; the generator below only runs when iterated.
     return _sharp_frames(source, rate, start_sec, end_sec, max_side, max_frames, field)
 
@@ -128,7 +127,7 @@ def _sharp_frames(
 
 
 def _finish(frame: VideoFrame, max_side: int | None) -> VideoFrame:
-    return VideoFrame(frame.index, frame.time_s, resize_max_side(frame.pixels, max_side))
+    return VideoFrame(frame.index, frame.time_s, fit_longest_side(frame.pixels, max_side))
 
 
 def _raise_no_frames(
@@ -185,16 +184,11 @@ def load_photos(
 ) -> list[np.ndarray]:
     """Decode photos (BGR uint8, EXIF orientation applied) and fit them to ``max_side``."""
     return [
-        resize_max_side(
+        fit_longest_side(
             decode_image(data, max_pixels=max_pixels, field=f"{field}[{i}]").pixels, max_side
         )
         for i, data in enumerate(images)
     ]
-
-
-def _natural_key(name: str) -> list[int | str]:
-    # img2.jpg before img10.jpg: photo order matters to sequential matching.
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
 def photos_from_zip(
@@ -245,7 +239,7 @@ def photos_from_zip(
                 f" the limit per file is {max_file_bytes / 1e6:.0f} MB"
             )
         photos: list[tuple[str, np.ndarray]] = []
-        for info in sorted(entries, key=lambda i: _natural_key(i.filename)):
+        for info in sorted(entries, key=lambda i: natural_key(i.filename)):
             if info.flag_bits & 0x1:
                 raise InvalidInput(f"{field}: {info.filename} is encrypted; send a plain zip")
             try:
@@ -259,7 +253,7 @@ def photos_from_zip(
             if len(photos) >= max_files:
                 raise PayloadTooLarge(f"{field}: the zip holds more than {max_files} images")
             pixels = decode_image(raw, max_pixels=max_pixels, field=f"{field}:{info.filename}")
-            photos.append((info.filename, resize_max_side(pixels.pixels, max_side)))
+            photos.append((info.filename, fit_longest_side(pixels.pixels, max_side)))
     if not photos:
         raise InvalidInput(f"{field}: the zip holds no images (JPEG, PNG, WebP, BMP, TIFF, GIF)")
     return [pixels for _, pixels in photos]

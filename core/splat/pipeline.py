@@ -11,34 +11,31 @@ import json
 import logging
 import shutil
 import tempfile
-import time
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from core.config import Settings, get_settings
+from core.config import Settings
+from core.contract import RequestAdapter
+from core.control import cancel_requested
 from core.encode import image_to_jpeg
-from core.errors import Cancelled, InvalidInput, SfmFailed, UploadFailed, error_result
-from core.jobs import Timings, worker_device, write_result_file
+from core.errors import Cancelled, InvalidInput, SfmFailed, UploadFailed
+from core.media import fit_longest_side
+from core.models import worker_device
 from core.payload import load_payload
 from core.progress import ProgressReporter, ProgressSink
-from core.serve.context import cancel_requested
 from core.splat import export
+from core.splat.export import to_cameras_json, to_transforms_json
 from core.splat.frames import iter_sharp_frames, load_photos, photos_from_zip, write_frames
-from core.splat.schema import SplatRequest
-from core.splat.sfm import (
-    SfmResult,
-    run_sfm,
-    to_cameras_json,
-    to_transforms_json,
-    undistort_to_pinhole,
-)
+from core.splat.schema import Preset, SplatRequest
+from core.splat.sfm import SfmResult, run_sfm, undistort_to_pinhole
 from core.storage import ArtifactStore, BucketTarget
+from core.worker import JobRun, run_job
 
 log = logging.getLogger("worker.splat")
 
@@ -46,53 +43,40 @@ ShouldStop = Callable[[], bool]
 
 
 def run_splat_job(
-    job: dict[str, Any], sink: ProgressSink | None = None, should_stop: ShouldStop | None = None
-) -> dict[str, Any]:
+    job: dict[str, Any],
+    sink: ProgressSink | None = None,
+    should_stop: ShouldStop | None = None,
+    adapter: RequestAdapter | None = None,
+) -> Any:
     """Run one splat job; never raises. Errors come back as `error`/`error_code` results.
 
-    Without `should_stop`, training stops when the local endpoint server cancels the job (or it
-    runs past its execution timeout); the job then ends as `cancelled` at the next stage."""
-    settings = get_settings()
-    should_stop = should_stop or cancel_requested
-    job_id = str(job.get("id", "local"))
-    started = time.perf_counter()
-    progress = ProgressReporter(job, sink, settings.progress_min_interval_s)
-    timings = Timings()
-    work = Path(tempfile.mkdtemp(prefix="splat-", dir=settings.work_dir))
-    try:
-        result = _run(job, settings, progress, timings, work, should_stop)
-    except Exception as exc:  # the one place every failure becomes a result
-        result = error_result(exc, job_id)
-        result["timings_ms"] = timings.as_dict()
-    finally:
-        progress.close()
-        shutil.rmtree(work, ignore_errors=True)
-    result["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000, 2)
-    result.setdefault("device", worker_device())
-    if settings.result_path:
-        write_result_file(settings, result)
-    return result
+    Without `should_stop`, training stops when whatever runs the job asks it to stop
+    (`core/control.py`: the local endpoint server's cancel or execution timeout); the job
+    then ends as `cancelled` at the next stage."""
+
+    def body(run: JobRun) -> dict[str, Any]:
+        work = Path(tempfile.mkdtemp(prefix="splat-", dir=run.settings.work_dir))
+        try:
+            return _run(run, work, should_stop or cancel_requested, adapter)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    return run_job(job, body, sink, adapter.shape_result if adapter else None)
 
 
 def _run(
-    job: dict[str, Any],
-    settings: Settings,
-    progress: ProgressReporter,
-    timings: Timings,
-    work: Path,
-    should_stop: ShouldStop | None,
+    run: JobRun, work: Path, should_stop: ShouldStop, adapter: RequestAdapter | None
 ) -> dict[str, Any]:
-    raw = job.get("input")
-    if not isinstance(raw, dict):
+    settings, progress, timings = run.settings, run.progress, run.timings
+    app_input = run.job.get("input")
+    if not isinstance(app_input, dict):
         raise InvalidInput("the job's input must be a JSON object with `video`, `images` or `zip`")
-    request = SplatRequest.model_validate(raw)
+    request = SplatRequest.model_validate(adapter.to_native(app_input) if adapter else app_input)
     warnings = [f"{name} is not a known input field" for name in request.unknown_fields()]
     kind, source = request.source()
     params = request.resolved()
-    bucket = BucketTarget.from_job(job.get("s3Config"), settings) or BucketTarget.from_settings(
-        settings
-    )
-    store = ArtifactStore(settings, request.task_id or str(job.get("id", "local")), bucket)
+    bucket = run.bucket()
+    store = ArtifactStore(settings, request.output_folder or run.job_id, bucket)
     if store.mode == "inline" and request.task == "splat":
         _check_inline_room(request, params, settings)
 
@@ -120,8 +104,6 @@ def _run(
         "frames": {"selected": len(names), **_fps(kind, params)},
     }
     result["sfm"] = sfm.stats()
-    if request.task_id:
-        result["task_id"] = request.task_id
 
     files: list[tuple[str, Path]] = []
     out = work / "out"
@@ -174,19 +156,17 @@ def _stop_if_cancelled() -> None:
 def bytes_per_gaussian(fmt: str, sh_degree: int) -> int:
     """File bytes per Gaussian of each export (PLY: 17 floats plus the SH rest)."""
     rest = 3 * ((sh_degree + 1) ** 2 - 1)
-    return {"ply": (17 + rest) * 4, "splat": 32, "ply_compressed": 62, "rgb_ply": 15}[fmt]
+    sizes = {"ply": (17 + rest) * 4, "ply_sh0": 17 * 4, "splat": 32, "ply_compressed": 62}
+    return {**sizes, "rgb_ply": 15}[fmt]
 
 
-def _check_inline_room(request: SplatRequest, params: dict[str, Any], settings: Settings) -> None:
+def _check_inline_room(request: SplatRequest, params: Preset, settings: Settings) -> None:
     """Fail before the work, not after: the splat must fit the inline budget when there is
     no bucket and no OUTPUT_DIR, at the most Gaussians this job may make."""
-    count = params["max_gaussians"]
+    count = params.max_gaussians
     if not worker_device().startswith("cuda"):
         count = min(count, settings.cpu_max_gaussians)
-    if request.splatt:
-        per = bytes_per_gaussian("ply", 0) + bytes_per_gaussian("ply", request.sh_degree)
-    else:
-        per = sum(bytes_per_gaussian(f, request.sh_degree) for f in set(request.formats))
+    per = sum(bytes_per_gaussian(f, request.sh_degree) for f in set(request.formats))
     needed = 4 * (count * per) // 3  # as base64
     if needed > settings.inline_max_bytes:
         raise UploadFailed(
@@ -197,8 +177,8 @@ def _check_inline_room(request: SplatRequest, params: dict[str, Any], settings: 
         )
 
 
-def _fps(kind: str, params: dict[str, Any]) -> dict[str, Any]:
-    return {"fps": params["fps"]} if kind == "video" else {}
+def _fps(kind: str, params: Preset) -> dict[str, Any]:
+    return {"fps": params.fps} if kind == "video" else {}
 
 
 def _fetch(kind: str, source: Any, settings: Settings, bucket: BucketTarget | None) -> Any:
@@ -222,14 +202,14 @@ def _extract_frames(
     kind: str,
     fetched: Any,
     request: SplatRequest,
-    params: dict[str, Any],
+    params: Preset,
     frames_dir: Path,
     progress: ProgressReporter,
 ) -> list[str]:
     if kind == "video":
         frames = iter_sharp_frames(
             fetched,
-            fps=params["fps"],
+            fps=params.fps,
             start_sec=request.start_sec,
             end_sec=request.end_sec,
             max_side=request.max_side,
@@ -263,7 +243,7 @@ def _train(
     sfm: SfmResult,
     image_dir: Path,
     request: SplatRequest,
-    params: dict[str, Any],
+    params: Preset,
     device: str,
     progress: ProgressReporter,
     should_stop: ShouldStop | None,
@@ -277,23 +257,20 @@ def _train(
     gaussians = train.Gaussians.init_from_points(
         sfm.points_xyz, sfm.points_rgb, request.sh_degree, device=device
     )
-    total = params["iterations"]
-    if not device.startswith("cuda") and params["max_gaussians"] > settings.cpu_max_gaussians:
+    total = params.iterations
+    if not device.startswith("cuda") and params.max_gaussians > settings.cpu_max_gaussians:
         warnings.append(
-            f"max_gaussians {params['max_gaussians']} capped at {settings.cpu_max_gaussians} on "
+            f"max_gaussians {params.max_gaussians} capped at {settings.cpu_max_gaussians} on "
             "CPU (CPU_MAX_GAUSSIANS)"
         )
-        params = {**params, "max_gaussians": settings.cpu_max_gaussians}
-    options = {
-        "max_gaussians": params["max_gaussians"],
+        params = replace(params, max_gaussians=settings.cpu_max_gaussians)
+    options: dict[str, Any] = {
+        "max_gaussians": params.max_gaussians,
         "sh_degree": request.sh_degree,
         "device": device,
     }
-    # gsplat's schedule is made for 30k steps; shorter runs get it compressed to fit.
-    if total >= 15_000:
-        config = train.TrainConfig(iterations=total, **options)
-    else:
-        config = train.TrainConfig.for_short_run(total, **options)
+    # The schedule fields left unset scale with iterations (gsplat's is made for 30k steps).
+    config = train.TrainConfig(iterations=total, **options)
 
     def on_step(step: int, _total: int, loss: float) -> None:
         progress.update(
@@ -360,26 +337,14 @@ def _export_splat(
 
     g = trained.gaussians.to_numpy()
     base = (g["means"], g["scales_log"], g["quats"], g["opacity_logit"], g["sh_dc"])
-    writers: dict[str, tuple[str, Callable[[Path], None]]] = {
-        "ply": ("splat.ply", lambda p: export.write_ply(p, *base, g["sh_rest"])),
-        "splat": ("scene.splat", lambda p: export.write_splat(p, *base)),
-        "ply_compressed": (
-            "splat.compressed.ply",
-            lambda p: export.write_compressed_ply(p, *base, g["sh_rest"]),
-        ),
-        "rgb_ply": (
-            "points_rgb.ply",
-            lambda p: export.write_rgb_ply(p, g["means"], _dc_to_rgb(g["sh_dc"])),
-        ),
+    writers: dict[str, Callable[[Path], object]] = {
+        "ply": lambda p: export.write_ply(p, *base, g["sh_rest"]),
+        "ply_sh0": lambda p: export.write_ply(p, *base, None),
+        "splat": lambda p: export.write_splat(p, *base),
+        "ply_compressed": lambda p: export.write_compressed_ply(p, *base, g["sh_rest"]),
+        "rgb_ply": lambda p: export.write_rgb_ply(p, g["means"], _dc_to_rgb(g["sh_dc"])),
     }
-    if request.splatt:
-        # The Splatt app's names: colours baked to RGB (SH degree 0), and the full SH splat.
-        chosen = [
-            ("baked_splat.ply", lambda p: export.write_ply(p, *base, None)),
-            ("baked_splat_sh.ply", writers["ply"][1]),
-        ]
-    else:
-        chosen = [writers[fmt] for fmt in dict.fromkeys(request.formats)]
+    chosen = [(request.file_name(fmt), writers[fmt]) for fmt in dict.fromkeys(request.formats)]
     first = sfm.images[0]
     camera = (
         first.world_to_camera,
@@ -388,7 +353,9 @@ def _export_splat(
         first.intrinsics.height,
     )
     thumbnail = train.render_view(trained.gaussians, camera, device)
-    chosen.append(("thumbnail.jpg", lambda p: p.write_bytes(image_to_jpeg(_fit(thumbnail, 512)))))
+    chosen.append(
+        ("thumbnail.jpg", lambda p: p.write_bytes(image_to_jpeg(fit_longest_side(thumbnail, 512))))
+    )
     files = []
     for name, write in chosen:
         write(out / name)
@@ -399,14 +366,3 @@ def _export_splat(
 def _dc_to_rgb(sh_dc: Any) -> Any:
     rgb = 0.5 + export.SH_C0 * np.asarray(sh_dc).reshape(-1, 3)
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
-
-
-def _fit(pixels: Any, max_side: int) -> Any:
-    scale = max_side / max(pixels.shape[:2])
-    if scale >= 1:
-        return pixels
-    return cv2.resize(
-        pixels,
-        (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale)),
-        interpolation=cv2.INTER_AREA,
-    )

@@ -373,7 +373,7 @@ class _CompositeChunk(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         trans_in: Tensor,
         done_in: Tensor,
@@ -395,7 +395,7 @@ class _CompositeChunk(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, g_color: Tensor, g_trans_out: Tensor, _g_done: Tensor
     ) -> tuple[Tensor | None, ...]:
         trans_in, done_in, feat, origin, lin = ctx.saved_tensors

@@ -1,20 +1,51 @@
-"""Splat job requests: our shape, the Game View presets, and the Splatt app's shape."""
+"""Splat job requests: our shape and the presets (as the Game View app knows them).
+
+Apps' shapes (Splatt's `filebin_url`, ...) are translated in `core/apps/`; what they need
+from us is generic here: `formats`, `artifact_names` and `output_folder`.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.errors import InvalidInput
+from core.media import window_error
+
+
+@dataclass(frozen=True)
+class Preset:
+    iterations: int
+    max_gaussians: int
+    fps: float
+
 
 # As the Game View app knows them; explicit fields override.
-PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {"iterations": 5_000, "max_gaussians": 5_000_000, "fps": 5.0},
-    "balanced": {"iterations": 15_000, "max_gaussians": 10_000_000, "fps": 10.0},
-    "high": {"iterations": 30_000, "max_gaussians": 20_000_000, "fps": 15.0},
+PRESETS: dict[str, Preset] = {
+    "fast": Preset(iterations=5_000, max_gaussians=5_000_000, fps=5.0),
+    "balanced": Preset(iterations=15_000, max_gaussians=10_000_000, fps=10.0),
+    "high": Preset(iterations=30_000, max_gaussians=20_000_000, fps=15.0),
 }
-FORMATS = ("ply", "splat", "ply_compressed", "rgb_ply")
+Format = Literal["ply", "ply_sh0", "splat", "ply_compressed", "rgb_ply"]
+FORMATS: tuple[str, ...] = get_args(Format)
+
+
+def _default_formats() -> list[Format]:
+    return ["ply", "splat"]
+
+
+# The file each format is written to, unless `artifact_names` renames it.
+FORMAT_FILES: dict[str, str] = {
+    "ply": "splat.ply",
+    "ply_sh0": "splat_sh0.ply",
+    "splat": "scene.splat",
+    "ply_compressed": "splat.compressed.ply",
+    "rgb_ply": "points_rgb.ply",
+}
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class SplatRequest(BaseModel):
@@ -36,51 +67,54 @@ class SplatRequest(BaseModel):
     train_max_side: int | None = Field(default=None, ge=32, le=4096)
     """Training resolution; default: max_side on CUDA, 320 on CPU."""
     sh_degree: int = Field(default=3, ge=0, le=3)
-    formats: list[Literal["ply", "splat", "ply_compressed", "rgb_ply"]] = Field(
-        default_factory=lambda: ["ply", "splat"]
-    )
+    formats: list[Format] = Field(default_factory=_default_formats)
+    """`ply_sh0` is the PLY with colours baked to SH degree 0 (RGB only)."""
+    artifact_names: dict[Format, str] = Field(default_factory=dict)
+    """File names for formats, instead of FORMAT_FILES (an app's own names)."""
+    output_folder: str | None = Field(default=None, min_length=1, max_length=128)
+    """The folder (or key prefix) the artifacts go under; default: the job's id."""
     matching: Literal["auto", "sequential", "exhaustive"] = "auto"
-    # The Splatt app's shape, accepted as it is.
-    task_id: str | None = Field(default=None, max_length=128)
-    filebin_url: str | None = None
-    filename: str | None = Field(default=None, max_length=255)
 
     @model_validator(mode="after")
     def _check(self) -> SplatRequest:
-        if self.end_sec is not None and self.end_sec <= self.start_sec:
-            raise ValueError(f"end_sec ({self.end_sec}) must be after start_sec ({self.start_sec})")
+        problem = window_error(self.start_sec, self.end_sec)
+        if problem:
+            raise ValueError(problem)
         return self
 
-    @property
-    def splatt(self) -> bool:
-        """The Splatt app's request: its file names and stages."""
-        return self.filebin_url is not None
+    @field_validator("artifact_names")
+    @classmethod
+    def _file_names(cls, value: dict[Format, str]) -> dict[Format, str]:
+        for fmt, name in value.items():
+            if not _FILE_NAME.match(name):
+                raise ValueError(f"{fmt}: {name!r} is not a plain file name")
+        return value
 
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
 
+    def file_name(self, fmt: Format) -> str:
+        return self.artifact_names.get(fmt, FORMAT_FILES[fmt])
+
     def source(self) -> tuple[str, Any]:
         """(`video` | `images` | `zip`, value); exactly one must be given."""
-        video = self.video
-        if self.filebin_url:
-            video = self.filebin_url
-            if self.filename and not self.filebin_url.rstrip("/").endswith(self.filename):
-                video = f"{self.filebin_url.rstrip('/')}/{self.filename}"
         given = [
-            (k, v) for k, v in (("video", video), ("images", self.images), ("zip", self.zip)) if v
+            (k, v) for k, v in (("video", self.video), ("images", self.images), ("zip", self.zip))
         ]
+        given = [(k, v) for k, v in given if v]
         if len(given) != 1:
             raise InvalidInput(
-                "send exactly one of video (or the Splatt app's filebin_url), images, zip"
+                "send exactly one of video, images, zip"
                 + (f" (got {', '.join(k for k, _ in given)})" if given else "")
             )
         return given[0]
 
-    def resolved(self) -> dict[str, Any]:
+    def resolved(self) -> Preset:
         """The preset with explicit fields laid over it."""
-        settings = dict(PRESETS[self.preset])
-        for key in ("iterations", "max_gaussians", "fps"):
-            value = getattr(self, key)
-            if value is not None:
-                settings[key] = value
-        return settings
+        preset = PRESETS[self.preset]
+        overrides = {
+            key: getattr(self, key)
+            for key in ("iterations", "max_gaussians", "fps")
+            if getattr(self, key) is not None
+        }
+        return replace(preset, **overrides)

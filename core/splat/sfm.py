@@ -1,5 +1,6 @@
-"""Structure-from-Motion with pycolmap: SIFT features, matching, incremental mapping, and the
-camera files splat trainers read (nerfstudio ``transforms.json``, INRIA ``cameras.json``).
+"""Structure-from-Motion with pycolmap: SIFT features, matching and incremental mapping. The
+camera files splat trainers read (nerfstudio ``transforms.json``, INRIA ``cameras.json``) are
+written from its result by ``core.splat.export``.
 
 Conventions (COLMAP's, kept throughout the result):
 
@@ -22,9 +23,10 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,19 +34,16 @@ from typing import Any, Literal
 import numpy as np
 
 from core.errors import SfmFailed
+from core.naming import natural_key
 from core.progress import ProgressReporter
 
 __all__ = [
-    "CV_TO_GL",
     "CameraIntrinsics",
     "SfmImage",
     "SfmResult",
-    "camera_to_world_from_transforms",
     "list_images",
     "result_from_reconstruction",
     "run_sfm",
-    "to_cameras_json",
-    "to_transforms_json",
     "undistort_to_pinhole",
 ]
 
@@ -222,7 +221,7 @@ def result_from_reconstruction(
                 intrinsics=cameras[image.camera_id],
             )
         )
-    images.sort(key=lambda im: _natural_key(im.name))
+    images.sort(key=lambda im: natural_key(im.name))
     points = list(reconstruction.points3D.values())
     return SfmResult(
         images=images,
@@ -241,10 +240,6 @@ def result_from_reconstruction(
 # Running SfM
 
 
-def _natural_key(name: str) -> list[int | str]:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
 def list_images(image_dir: Path) -> list[str]:
     """The JPEG/PNG file names in ``image_dir``, in natural order (frame_2 before frame_10)."""
     if not image_dir.is_dir():
@@ -252,7 +247,7 @@ def list_images(image_dir: Path) -> list[str]:
     names = [
         p.name for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     ]
-    return sorted(names, key=_natural_key)
+    return sorted(names, key=natural_key)
 
 
 def _default_threads() -> int:
@@ -337,6 +332,240 @@ def _usable(model: Any) -> bool:
     return model.num_points3D() >= max(MIN_POINTS, MIN_POINTS_PER_IMAGE * model.num_reg_images())
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every SfM step shares: the images, the database and the compute settings."""
+
+    pycolmap: Any
+    image_dir: Path
+    names: list[str]
+    database: Path
+    threads: int
+    gpu: bool
+    seed: int
+    report: _Progress
+
+    @property
+    def total(self) -> int:
+        return len(self.names)
+
+    @property
+    def device(self) -> Any:
+        return self.pycolmap.Device.cuda if self.gpu else self.pycolmap.Device.cpu
+
+
+@contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    """Record the step's wall time in ms (only when it completes: a failure has no timings)."""
+    t0 = time.perf_counter()
+    yield
+    timings[step] = (time.perf_counter() - t0) * 1000
+
+
+def _require_enough_images(total: int) -> None:
+    if total < MIN_IMAGES:
+        raise SfmFailed(
+            f"only {total} frame(s) to reconstruct from: {HINT_TOO_FEW}",
+            registered=0,
+            total=total,
+        )
+
+
+def _matching_mode(matching: Matching, total: int) -> Literal["sequential", "exhaustive"]:
+    if matching not in ("sequential", "exhaustive", "auto"):
+        raise ValueError(f"matching must be sequential, exhaustive or auto, got {matching!r}")
+    if matching == "auto":
+        return "exhaustive" if total <= EXHAUSTIVE_MAX_IMAGES else "sequential"
+    return matching
+
+
+def _gpu_wanted(pycolmap: Any, use_gpu: bool | None) -> bool:
+    """CUDA when asked for (None: whenever pycolmap has it) and pycolmap was built with it."""
+    gpu = pycolmap.has_cuda if use_gpu is None else (use_gpu and pycolmap.has_cuda)
+    if use_gpu and not pycolmap.has_cuda:
+        log.warning("pycolmap was built without CUDA; SIFT runs on the CPU")
+    return gpu
+
+
+def _extract_features(
+    run: _Run, *, camera_model: str, single_camera: bool, max_image_side: int, max_features: int
+) -> None:
+    """SIFT features into the database, in chunks so a long extraction reports progress;
+    later chunks reuse the first chunk's camera when all images share one."""
+    pycolmap, total = run.pycolmap, run.total
+    reader = pycolmap.ImageReaderOptions()
+    reader.camera_model = camera_model
+    extraction = pycolmap.FeatureExtractionOptions()
+    extraction.num_threads = run.threads
+    extraction.max_image_size = max_image_side
+    extraction.use_gpu = run.gpu
+    extraction.sift.max_num_features = max_features
+    camera_mode = pycolmap.CameraMode.SINGLE if single_camera else pycolmap.CameraMode.PER_IMAGE
+    chunk = max(8, -(-total // 10))
+    run.report(_EXTRACT_SPAN, 0.0, f"extracting features from {total} images", sfm_step="features")
+    for start in range(0, total, chunk):
+        pycolmap.extract_features(
+            run.database,
+            run.image_dir,
+            image_names=run.names[start : start + chunk],
+            camera_mode=camera_mode,
+            reader_options=reader,
+            extraction_options=extraction,
+            device=run.device,
+        )
+        if single_camera and start == 0:
+            with pycolmap.Database.open(str(run.database)) as db:
+                reader.existing_camera_id = db.read_all_cameras()[0].camera_id
+        done = min(total, start + chunk)
+        run.report(
+            _EXTRACT_SPAN, done / total, f"features: {done}/{total} images", sfm_step="features"
+        )
+
+
+def _require_features(run: _Run) -> None:
+    diag = _diagnose(run.pycolmap, run.database)
+    if diag["mean_features_per_image"] < 1:
+        raise SfmFailed(
+            f"no features found in {run.total} frames: {HINT_TEXTURE}; {HINT_CAPTURE}",
+            registered=0,
+            total=run.total,
+            **diag,
+        )
+
+
+def _match(run: _Run, mode: Literal["sequential", "exhaustive"], sequential_overlap: int) -> None:
+    """Match features between image pairs, with two-view geometric verification."""
+    pycolmap = run.pycolmap
+    run.report(_MATCH_SPAN, 0.0, f"matching features ({mode})", sfm_step="matching")
+    match_options = pycolmap.FeatureMatchingOptions()
+    match_options.num_threads = run.threads
+    match_options.use_gpu = run.gpu
+    verification = pycolmap.TwoViewGeometryOptions()
+    verification.ransac.random_seed = run.seed
+    if mode == "sequential":
+        pairing = pycolmap.SequentialPairingOptions()
+        pairing.overlap = sequential_overlap
+        pairing.quadratic_overlap = True  # also i + 2^k, k < overlap: re-finds far views
+        pairing.loop_detection = False  # needs a vocabulary tree file we do not ship
+        pairing.num_threads = run.threads
+        pycolmap.match_sequential(
+            run.database,
+            matching_options=match_options,
+            pairing_options=pairing,
+            verification_options=verification,
+            device=run.device,
+        )
+    else:
+        pycolmap.match_exhaustive(
+            run.database,
+            matching_options=match_options,
+            verification_options=verification,
+            device=run.device,
+        )
+
+
+def _require_pairs(run: _Run) -> None:
+    """Mapping cannot start without a verified pair: say so without trying."""
+    diag = _diagnose(run.pycolmap, run.database)
+    if diag["verified_pairs"] == 0:
+        raise SfmFailed(
+            f"no two of the {run.total} frames could be matched "
+            f"({diag['mean_features_per_image']:.0f} features per frame): "
+            f"{_failure_hint(diag)}",
+            registered=0,
+            total=run.total,
+            models=0,
+            **diag,
+        )
+    run.report(
+        _MATCH_SPAN, 1.0, f"{diag['verified_pairs']} image pairs matched", sfm_step="matching"
+    )
+
+
+def _map(run: _Run, sparse: Path) -> dict[int, Any]:
+    """Incremental mapping into ``sparse/<i>/``; progress per registered image through
+    COLMAP's callbacks. Returns COLMAP's ``{index: Reconstruction}``."""
+    pycolmap, total, seed = run.pycolmap, run.total, run.seed
+    options = pycolmap.IncrementalPipelineOptions()
+    options.num_threads = run.threads
+    options.random_seed = seed
+    options.mapper.num_threads = run.threads
+    options.mapper.random_seed = seed
+    options.triangulation.random_seed = seed
+    # Keep small models too (default 10), so a failure can say how many registered.
+    options.min_model_size = MIN_IMAGES
+    registered = [0]
+
+    def on_initial_pair() -> None:
+        registered[0] = 2
+        run.report(_MAP_SPAN, 2 / total, f"registered 2/{total} images", sfm_step="mapping")
+
+    def on_next_image() -> None:
+        registered[0] += 1
+        n = min(registered[0], total)
+        run.report(_MAP_SPAN, n / total, f"registered {n}/{total} images", sfm_step="mapping")
+
+    run.report(_MAP_SPAN, 0.0, "finding an initial image pair", sfm_step="mapping")
+    sparse.mkdir()
+    return pycolmap.incremental_mapping(
+        run.database,
+        run.image_dir,
+        sparse,
+        options,
+        initial_image_pair_callback=on_initial_pair,
+        next_image_callback=on_next_image,
+    )
+
+
+def _best_model(models: dict[int, Any]) -> tuple[int, Any | None]:
+    """The largest usable model: most registered images, then most points. A model with
+    almost no points is degenerate (e.g. a camera that only turns registers frames on
+    rotation alone), however many frames it holds. ``(-1, None)`` when none is usable."""
+    usable = {i: m for i, m in models.items() if _usable(m)}
+    return max(
+        usable.items(),
+        key=lambda kv: (kv[1].num_reg_images(), kv[1].num_points3D()),
+        default=(-1, None),
+    )
+
+
+def _require_registered(
+    run: _Run, models: dict[int, Any], best: Any | None, min_registered_fraction: float
+) -> None:
+    """Raise `SfmFailed`, saying what came out and why, unless ``best`` registers enough."""
+    total = run.total
+    n_reg = best.num_reg_images() if best is not None else 0
+    if n_reg >= max(MIN_IMAGES, min_registered_fraction * total):
+        return
+    diag = _diagnose(run.pycolmap, run.database, motion=True)
+    if best is not None:
+        split = f", split into {len(models)} models" if len(models) > 1 else ""
+        what = f"only {n_reg} of {total} frames registered{split}"
+    elif models:
+        largest = max(models.values(), key=lambda m: m.num_reg_images())
+        what = (
+            f"no usable 3D model from {total} frames (the largest registered "
+            f"{largest.num_reg_images()} frames but triangulated only "
+            f"{largest.num_points3D()} point(s))"
+        )
+    else:
+        what = f"no 3D model could be built from {total} frames"
+    raise SfmFailed(
+        f"{what} ({diag['mean_features_per_image']:.0f} features per frame, "
+        f"{diag['verified_pairs']} matched pairs): {_failure_hint(diag)}",
+        registered=n_reg,
+        total=total,
+        models=len(models),
+        **diag,
+    )
+
+
+def _write_model(model: Any, model_dir: Path) -> None:
+    if not (model_dir / "images.bin").exists():  # write it if COLMAP did not
+        model_dir.mkdir(parents=True, exist_ok=True)
+        model.write(model_dir)
+
+
 def run_sfm(
     image_dir: Path,
     work_dir: Path,
@@ -379,194 +608,54 @@ def run_sfm(
     image_dir, work_dir = Path(image_dir), Path(work_dir)
     names = list_images(image_dir)
     total = len(names)
-    if total < MIN_IMAGES:
-        raise SfmFailed(
-            f"only {total} frame(s) to reconstruct from: {HINT_TOO_FEW}",
-            registered=0,
-            total=total,
-        )
-    if matching not in ("sequential", "exhaustive", "auto"):
-        raise ValueError(f"matching must be sequential, exhaustive or auto, got {matching!r}")
-    mode = matching
-    if mode == "auto":
-        mode = "exhaustive" if total <= EXHAUSTIVE_MAX_IMAGES else "sequential"
+    _require_enough_images(total)
+    mode = _matching_mode(matching, total)
     if single_camera is None:
         single_camera = len(_image_sizes(image_dir, names)) == 1
-    threads = num_threads or _default_threads()
-    gpu = pycolmap.has_cuda if use_gpu is None else (use_gpu and pycolmap.has_cuda)
-    if use_gpu and not pycolmap.has_cuda:
-        log.warning("pycolmap was built without CUDA; SIFT runs on the CPU")
-    device = pycolmap.Device.cuda if gpu else pycolmap.Device.cpu
-    report = _Progress(progress, stage)
+    run = _Run(
+        pycolmap=pycolmap,
+        image_dir=image_dir,
+        names=names,
+        database=work_dir / "database.db",
+        threads=num_threads or _default_threads(),
+        gpu=_gpu_wanted(pycolmap, use_gpu),
+        seed=seed,
+        report=_Progress(progress, stage),
+    )
+    sparse = work_dir / "sparse"
     timings: dict[str, float] = {}
 
     work_dir.mkdir(parents=True, exist_ok=True)
-    database, sparse = work_dir / "database.db", work_dir / "sparse"
     # A database from an earlier run would make COLMAP skip the images it already holds.
-    _remove(database, sparse)
+    _remove(run.database, sparse)
     _quiet_colmap_logging(pycolmap, verbose)
     pycolmap.set_random_seed(seed)
     try:
-        # 1. Features, in chunks so a long extraction reports progress; later chunks reuse
-        #    the first chunk's camera when all images share one.
-        t0 = time.perf_counter()
-        reader = pycolmap.ImageReaderOptions()
-        reader.camera_model = camera_model
-        extraction = pycolmap.FeatureExtractionOptions()
-        extraction.num_threads = threads
-        extraction.max_image_size = max_image_side
-        extraction.use_gpu = gpu
-        extraction.sift.max_num_features = max_features
-        camera_mode = pycolmap.CameraMode.SINGLE if single_camera else pycolmap.CameraMode.PER_IMAGE
-        chunk = max(8, -(-total // 10))
-        report(_EXTRACT_SPAN, 0.0, f"extracting features from {total} images", sfm_step="features")
-        for start in range(0, total, chunk):
-            pycolmap.extract_features(
-                database,
-                image_dir,
-                image_names=names[start : start + chunk],
-                camera_mode=camera_mode,
-                reader_options=reader,
-                extraction_options=extraction,
-                device=device,
+        with _timed(timings, "extract"):
+            _extract_features(
+                run,
+                camera_model=camera_model,
+                single_camera=single_camera,
+                max_image_side=max_image_side,
+                max_features=max_features,
             )
-            if single_camera and start == 0:
-                with pycolmap.Database.open(str(database)) as db:
-                    reader.existing_camera_id = db.read_all_cameras()[0].camera_id
-            done = min(total, start + chunk)
-            report(
-                _EXTRACT_SPAN, done / total, f"features: {done}/{total} images", sfm_step="features"
-            )
-        timings["extract"] = (time.perf_counter() - t0) * 1000
-        diag = _diagnose(pycolmap, database)
-        if diag["mean_features_per_image"] < 1:
-            raise SfmFailed(
-                f"no features found in {total} frames: {HINT_TEXTURE}; {HINT_CAPTURE}",
-                registered=0,
-                total=total,
-                **diag,
-            )
-
-        # 2. Matching with geometric verification.
-        t0 = time.perf_counter()
-        report(_MATCH_SPAN, 0.0, f"matching features ({mode})", sfm_step="matching")
-        match_options = pycolmap.FeatureMatchingOptions()
-        match_options.num_threads = threads
-        match_options.use_gpu = gpu
-        verification = pycolmap.TwoViewGeometryOptions()
-        verification.ransac.random_seed = seed
-        if mode == "sequential":
-            pairing = pycolmap.SequentialPairingOptions()
-            pairing.overlap = sequential_overlap
-            pairing.quadratic_overlap = True  # also i + 2^k, k < overlap: re-finds far views
-            pairing.loop_detection = False  # needs a vocabulary tree file we do not ship
-            pairing.num_threads = threads
-            pycolmap.match_sequential(
-                database,
-                matching_options=match_options,
-                pairing_options=pairing,
-                verification_options=verification,
-                device=device,
-            )
-        else:
-            pycolmap.match_exhaustive(
-                database,
-                matching_options=match_options,
-                verification_options=verification,
-                device=device,
-            )
-        timings["match"] = (time.perf_counter() - t0) * 1000
-        diag = _diagnose(pycolmap, database)
-        if diag["verified_pairs"] == 0:  # mapping cannot start: say so without trying
-            raise SfmFailed(
-                f"no two of the {total} frames could be matched "
-                f"({diag['mean_features_per_image']:.0f} features per frame): "
-                f"{_failure_hint(diag)}",
-                registered=0,
-                total=total,
-                models=0,
-                **diag,
-            )
-        report(
-            _MATCH_SPAN, 1.0, f"{diag['verified_pairs']} image pairs matched", sfm_step="matching"
-        )
-
-        # 3. Incremental mapping; progress per registered image through COLMAP's callbacks.
-        t0 = time.perf_counter()
-        options = pycolmap.IncrementalPipelineOptions()
-        options.num_threads = threads
-        options.random_seed = seed
-        options.mapper.num_threads = threads
-        options.mapper.random_seed = seed
-        options.triangulation.random_seed = seed
-        # Keep small models too (default 10), so a failure can say how many registered.
-        options.min_model_size = MIN_IMAGES
-        registered = [0]
-
-        def on_initial_pair() -> None:
-            registered[0] = 2
-            report(_MAP_SPAN, 2 / total, f"registered 2/{total} images", sfm_step="mapping")
-
-        def on_next_image() -> None:
-            registered[0] += 1
-            n = min(registered[0], total)
-            report(_MAP_SPAN, n / total, f"registered {n}/{total} images", sfm_step="mapping")
-
-        report(_MAP_SPAN, 0.0, "finding an initial image pair", sfm_step="mapping")
-        sparse.mkdir()
-        models: dict[int, Any] = pycolmap.incremental_mapping(
-            database,
-            image_dir,
-            sparse,
-            options,
-            initial_image_pair_callback=on_initial_pair,
-            next_image_callback=on_next_image,
-        )
-        timings["map"] = (time.perf_counter() - t0) * 1000
-
-        # The largest usable model: most registered images, then most points. A model with
-        # almost no points is degenerate (e.g. a camera that only turns registers frames on
-        # rotation alone), however many frames it holds.
-        usable = {i: m for i, m in models.items() if _usable(m)}
-        best_index, best = max(
-            usable.items(),
-            key=lambda kv: (kv[1].num_reg_images(), kv[1].num_points3D()),
-            default=(-1, None),
-        )
-        n_reg = best.num_reg_images() if best is not None else 0
-        if n_reg < max(MIN_IMAGES, min_registered_fraction * total):
-            diag = _diagnose(pycolmap, database, motion=True)
-            if best is not None:
-                split = f", split into {len(models)} models" if len(models) > 1 else ""
-                what = f"only {n_reg} of {total} frames registered{split}"
-            elif models:
-                largest = max(models.values(), key=lambda m: m.num_reg_images())
-                what = (
-                    f"no usable 3D model from {total} frames (the largest registered "
-                    f"{largest.num_reg_images()} frames but triangulated only "
-                    f"{largest.num_points3D()} point(s))"
-                )
-            else:
-                what = f"no 3D model could be built from {total} frames"
-            raise SfmFailed(
-                f"{what} ({diag['mean_features_per_image']:.0f} features per frame, "
-                f"{diag['verified_pairs']} matched pairs): {_failure_hint(diag)}",
-                registered=n_reg,
-                total=total,
-                models=len(models),
-                **diag,
-            )
+        _require_features(run)
+        with _timed(timings, "match"):
+            _match(run, mode, sequential_overlap)
+        _require_pairs(run)
+        with _timed(timings, "map"):
+            models = _map(run, sparse)
+        best_index, best = _best_model(models)
+        _require_registered(run, models, best, min_registered_fraction)
         model_dir = sparse / str(best_index)
-        if not (model_dir / "images.bin").exists():  # write it if COLMAP did not
-            model_dir.mkdir(parents=True, exist_ok=True)
-            best.write(model_dir)
+        _write_model(best, model_dir)
         result = result_from_reconstruction(best, total, model_dir, num_models=len(models))
     except BaseException:
-        _remove(database, sparse)  # nothing half-made stays behind
+        _remove(run.database, sparse)  # nothing half-made stays behind
         raise
     timings["total"] = (time.perf_counter() - started) * 1000
     result.timings_ms = {k: round(v, 1) for k, v in timings.items()}
-    report(
+    run.report(
         _MAP_SPAN,
         1.0,
         f"registered {result.num_registered}/{total} images, {result.num_points} points",
@@ -627,83 +716,3 @@ def undistort_to_pinhole(
     )
     undistorted.timings_ms = dict(result.timings_ms)
     return undistorted
-
-
-# --------------------------------------------------------------------------------------------
-# Camera files for splat trainers
-
-# OpenCV camera axes (x right, y down, z forward) to OpenGL's (x right, y up, z backward):
-# flip the camera's y and z axes, i.e. right-multiply camera-to-world by diag(1, -1, -1, 1).
-CV_TO_GL = np.diag([1.0, -1.0, -1.0, 1.0])
-
-
-def _camera_entry(cam: CameraIntrinsics) -> dict[str, Any]:
-    return {
-        "fl_x": cam.fx,
-        "fl_y": cam.fy,
-        "cx": cam.cx,
-        "cy": cam.cy,
-        "w": cam.width,
-        "h": cam.height,
-        "camera_model": "OPENCV",
-        **cam.distortion(),
-    }
-
-
-def to_transforms_json(
-    result: SfmResult, *, image_prefix: str = "images/", ply_file_path: str | None = None
-) -> dict[str, Any]:
-    """nerfstudio / instant-ngp ``transforms.json``.
-
-    ``transform_matrix`` is camera-to-world in the OpenGL camera convention nerfstudio reads:
-    ``[R^T | C] @ diag(1, -1, -1, 1)``, i.e. COLMAP's camera-to-world with the camera's y and
-    z axes negated. The world frame is COLMAP's, unchanged, so ``applied_transform`` (which
-    nerfstudio applies to ``ply_file_path`` points) is the identity: COLMAP points can be
-    used as they are. (nerfstudio's own ``colmap_to_json`` additionally swaps world x/y and
-    negates z, recording that swap in ``applied_transform``; either is self-consistent.)
-    Intrinsics go at the top level when one camera is shared, else into each frame.
-    """
-    cameras = {im.camera_id: im.intrinsics for im in result.images}
-    shared = len(cameras) == 1
-    out: dict[str, Any] = {}
-    if shared:
-        out.update(_camera_entry(next(iter(cameras.values()))))
-    frames = []
-    for image in result.images:
-        frame: dict[str, Any] = {
-            "file_path": f"{image_prefix}{image.name}",
-            "transform_matrix": (image.camera_to_world @ CV_TO_GL).tolist(),
-            "colmap_im_id": image.image_id,
-        }
-        if not shared:
-            frame.update(_camera_entry(image.intrinsics))
-        frames.append(frame)
-    out["frames"] = frames
-    out["applied_transform"] = np.eye(4)[:3].tolist()
-    if ply_file_path:
-        out["ply_file_path"] = ply_file_path
-    return out
-
-
-def to_cameras_json(result: SfmResult) -> list[dict[str, Any]]:
-    """The INRIA 3DGS ``cameras.json``: per camera ``position`` (the centre C) and
-    ``rotation`` (3x3 camera-to-world, R^T, OpenCV camera axes), ``fx``/``fy`` in pixels,
-    and ``img_name`` without extension, as ``camera_to_JSON`` in the INRIA code writes."""
-    return [
-        {
-            "id": i,
-            "img_name": Path(image.name).stem,
-            "width": image.intrinsics.width,
-            "height": image.intrinsics.height,
-            "position": image.center.tolist(),
-            "rotation": image.rotation.T.tolist(),
-            "fx": image.intrinsics.fx,
-            "fy": image.intrinsics.fy,
-        }
-        for i, image in enumerate(result.images)
-    ]
-
-
-def camera_to_world_from_transforms(matrix: Any) -> np.ndarray:
-    """Inverse of the transforms.json convention: OpenGL camera-to-world back to OpenCV."""
-    return np.asarray(matrix, dtype=np.float64) @ CV_TO_GL

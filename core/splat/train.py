@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.media import fit_longest_side, longest_side_size
+
 __all__ = [
     "SH_C0",
     "Gaussians",
@@ -113,12 +115,6 @@ class TrainConfig:
     # one thread ran 8x faster per step than two (85 vs 684 ms at 160x119, 1.3k Gaussians).
     threads: int | None = 1
 
-    @classmethod
-    def for_short_run(cls, iterations: int, **overrides: Any) -> TrainConfig:
-        """``TrainConfig(iterations=iterations, **overrides)``: the schedule fields left at
-        None already scale with ``iterations`` (kept for callers written against it)."""
-        return cls(iterations=iterations, **overrides)
-
     def resolved(self) -> TrainConfig:
         """A copy with every None schedule field filled in: gsplat's values at 30k steps and
         the same fractions of shorter runs (an SH band every 1/30 of the run; refinement
@@ -172,10 +168,9 @@ def _resize(pixels: np.ndarray, K: np.ndarray, max_side: int | None) -> tuple[Te
     """
     h, w = pixels.shape[:2]
     K = np.asarray(K, dtype=np.float64).copy()
-    if max_side and max(h, w) > max_side:
-        s = max_side / max(h, w)
-        nw, nh = max(1, round(w * s)), max(1, round(h * s))
-        pixels = cv2.resize(pixels, (nw, nh), interpolation=cv2.INTER_AREA)
+    nw, nh = longest_side_size(w, h, max_side)
+    if (nw, nh) != (w, h):
+        pixels = fit_longest_side(pixels, max_side)
         K[0] *= nw / w
         K[1] *= nh / h
     return (
@@ -579,7 +574,8 @@ def _capped_strategy(config: TrainConfig) -> Any:
             bar = self.grow_grad2d
             if int((grads > bar).sum()) > room:
                 bar = max(bar, float(torch.topk(grads, room + 1).values[-1]))
-            saved, self.grow_grad2d = self.grow_grad2d, bar
+            saved = self.grow_grad2d
+            self.grow_grad2d: float = bar  # declared here: gsplat's fields have no types
             try:
                 return super()._grow_gs(params, optimizers, state, step)
             finally:
@@ -739,6 +735,8 @@ def _train(
     psnr_start, ssim_start = evaluate(params, eval_views, sh_degree, background)
     timings["eval_start"] = (time.perf_counter() - t0) * 1000
 
+    sh_interval = config.sh_degree_interval
+    assert sh_interval is not None  # train() passes a resolved() config
     t0 = time.perf_counter()
     steps, stopped, loss_value = 0, False, float("nan")
     for step in range(config.iterations):
@@ -746,7 +744,7 @@ def _train(
             stopped = True
             break
         view = train_views[pick.randrange(len(train_views))]
-        degree = min(step // max(1, config.sh_degree_interval), sh_degree)  # progressive SH
+        degree = min(step // max(1, sh_interval), sh_degree)  # progressive SH
 
         img, _alpha, info = render(
             params,
@@ -788,9 +786,7 @@ def _train(
     timings["eval_end"] = (time.perf_counter() - t0) * 1000
     timings["total"] = (time.perf_counter() - started) * 1000
 
-    trained = Gaussians(
-        *(params[_GSPLAT_NAMES[f]].detach().cpu().clone() for f in _FIELDS)  # type: ignore[arg-type]
-    )
+    trained = Gaussians(*(params[_GSPLAT_NAMES[f]].detach().cpu().clone() for f in _FIELDS))
     log.info(
         "trained %d steps on %s: PSNR %.2f -> %.2f dB, %d Gaussians",
         steps,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from core.errors import UnsupportedTask
 
 if TYPE_CHECKING:
-    from core.jobs import JobContext, TaskRequest
+    from core.contract import JobContext, TaskRequest
     from core.models import LoadedModel
     from core.schemas import TaskOptions
 

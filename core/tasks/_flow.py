@@ -17,7 +17,8 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from core.models import LoadedModel, get_registry
+from core.media import longest_side_size
+from core.models import LoadedModel, download_whole, get_registry, worker_device
 
 log = logging.getLogger("worker.flow")
 
@@ -37,8 +38,7 @@ class FlowBackend(Protocol):
 
 def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     """(w, h) scaled so the long side is at most `max_side`; never enlarged."""
-    scale = min(1.0, max_side / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
+    return longest_side_size(width, height, max_side)
 
 
 def resize_to(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -62,13 +62,14 @@ class DisFlow:
     name = "dis"
 
     def __init__(self) -> None:
-        self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+        self._dis = cv2.DISOpticalFlow.create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
         self._dis.setFinestScale(0)
 
     def __call__(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         gray1 = cv2.cvtColor(first, cv2.COLOR_BGR2GRAY)
         gray2 = cv2.cvtColor(second, cv2.COLOR_BGR2GRAY)
-        return self._dis.calc(gray1, gray2, None)
+        # OpenCV's stubs omit that an output array may be None (allocated by calc).
+        return self._dis.calc(gray1, gray2, None)  # type: ignore[call-overload]
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,8 +133,6 @@ def _load_raft(path: Path) -> Any:
     import torch
     from torchvision.models.optical_flow import raft_small
 
-    from core.jobs import worker_device
-
     model = raft_small(weights=None, progress=False)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -147,15 +146,19 @@ def _download_raft(target: Path) -> None:
     """torchvision's raft_small weights (a plain state dict, the format WEIGHTS_DIR holds),
     fetched with the worker's timeout and bounded retries and checked against their hash."""
     from core.config import get_settings
+    from core.errors import FetchFailed
     from core.payload import fetch_url
 
-    data = fetch_url(RAFT_URL, get_settings(), field="raft_small weights")
-    digest = hashlib.sha256(data).hexdigest()
-    if not digest.startswith(RAFT_SHA256_PREFIX):
-        raise ValueError(f"{RAFT_URL} has sha256 {digest[:8]}..., expected {RAFT_SHA256_PREFIX}")
-    partial = target.with_suffix(".part")
-    partial.write_bytes(data)
-    partial.replace(target)
+    def fetch(partial: Path) -> None:
+        data = fetch_url(RAFT_URL, get_settings(), field="raft_small weights")  # retries inside
+        digest = hashlib.sha256(data).hexdigest()
+        if not digest.startswith(RAFT_SHA256_PREFIX):
+            raise ValueError(
+                f"{RAFT_URL} has sha256 {digest[:8]}..., expected {RAFT_SHA256_PREFIX}"
+            )
+        partial.write_bytes(data)
+
+    download_whole(target, fetch, what=RAFT_URL, permanent=(FetchFailed, ValueError))
 
 
 def load_raft(name: str = RAFT_WEIGHTS, *, pin: bool = False) -> LoadedModel:

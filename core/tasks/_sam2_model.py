@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +23,13 @@ import requests
 
 from core.config import get_settings
 from core.errors import InvalidInput
-from core.models import LoadedModel, check_model_name, get_registry
+from core.models import (
+    LoadedModel,
+    check_model_name,
+    download_whole,
+    get_registry,
+    worker_device,
+)
 
 log = logging.getLogger("worker.sam2")
 
@@ -128,7 +133,7 @@ def image_key(rgb: np.ndarray) -> str:
 
 def _has_cuda_extension() -> bool:
     try:
-        import sam2._C  # noqa: F401  # type: ignore[import-not-found]
+        import sam2._C  # noqa: F401
     except ImportError:
         return False
     return True
@@ -150,42 +155,28 @@ def _build(path: Path, config: str, device: str) -> Sam2Model:
 
 
 def _download(target: Path) -> None:
-    """Meta's public checkpoint, streamed to a temporary file then renamed (never half a
-    file under the real name); retried on connection errors and 5xx."""
+    """Meta's public checkpoint, whole or not at all; retried on connection errors and 5xx."""
     if target.name not in CONFIGS:
         raise FileNotFoundError(f"{target.name} is not one of Meta's published checkpoints")
     base = next(url for prefix, url in DOWNLOAD_BASES.items() if target.name.startswith(prefix))
     settings = get_settings()
     url = base + target.name
-    partial = target.with_name(target.name + ".part")
-    attempts = settings.fetch_retries + 1
-    for attempt in range(attempts):
-        if attempt:
-            time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
-        try:
-            timeout = (min(10.0, settings.fetch_timeout_s), settings.fetch_timeout_s)
-            with requests.get(url, stream=True, timeout=timeout) as response:
-                if response.status_code >= 500 and attempt + 1 < attempts:
-                    continue
-                response.raise_for_status()
-                with partial.open("wb") as out:
-                    for chunk in response.iter_content(chunk_size=DOWNLOAD_CHUNK):
-                        out.write(chunk)
-            partial.replace(target)
-            log.info("downloaded %s from %s", target.name, url)
-            return
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            if attempt + 1 == attempts:
-                raise
-            log.warning("download of %s failed (%s); retrying", url, exc)
-        finally:
-            partial.unlink(missing_ok=True)
+    timeout = (min(10.0, settings.fetch_timeout_s), settings.fetch_timeout_s)
+
+    def fetch(partial: Path) -> None:
+        with requests.get(url, stream=True, timeout=timeout) as response:
+            if 400 <= response.status_code < 500:
+                raise FileNotFoundError(f"{url} answered HTTP {response.status_code}")
+            response.raise_for_status()  # 5xx: retried
+            with partial.open("wb") as out:
+                for chunk in response.iter_content(chunk_size=DOWNLOAD_CHUNK):
+                    out.write(chunk)
+
+    download_whole(target, fetch, what=url, permanent=(FileNotFoundError,))
 
 
 def load_sam2(name: str, *, pin: bool = False) -> LoadedModel:
     """Build (once) the SAM 2 model of this checkpoint on the worker's device."""
-    from core.jobs import worker_device
-
     file_name = checkpoint_name(name)
     config = config_for(file_name)
     device = worker_device()

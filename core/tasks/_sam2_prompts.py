@@ -4,14 +4,13 @@ checks that need the media's size (points and boxes inside the image or frame)."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.encode import MASK_FORMATS
 from core.errors import InvalidInput
-from core.schemas import VideoOptions
+from core.schemas import MaskFormat, VideoOptions
 
 MAX_OBJECTS = 32
 MAX_POINTS = 64
@@ -89,7 +88,7 @@ class Sam2Options(VideoOptions):
     multimask_output: bool = Field(
         default=False, description="image: three candidate masks per object, with scores"
     )
-    mask_format: Literal["rle", "polygon", "png"] = "rle"
+    mask_format: MaskFormat = "rle"
     max_side: int = Field(
         default=1024, ge=64, le=4096, description="video: frames are kept at most this long"
     )
@@ -98,13 +97,6 @@ class Sam2Options(VideoOptions):
     @classmethod
     def _points_dicts(cls, value: Any) -> Any:
         return _points_from_dicts(value)
-
-    @field_validator("mask_format", mode="before")
-    @classmethod
-    def _lower(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.lower() in MASK_FORMATS:
-            return value.lower()
-        return value
 
     @model_validator(mode="after")
     def _one_way_to_prompt(self) -> Sam2Options:
@@ -156,7 +148,7 @@ class Prompt:
         )
 
 
-def _prompt(
+def make_prompt(
     object_id: int | str,
     points: list[Point] | None,
     labels: list[int] | None,
@@ -187,7 +179,7 @@ def prompts_from_options(options: Sam2Options) -> list[Prompt]:
     """The objects the options describe (empty when they describe none)."""
     if options.objects is not None:
         prompts = [
-            _prompt(
+            make_prompt(
                 obj.id if obj.id is not None else index,
                 obj.points,
                 obj.labels,
@@ -199,7 +191,7 @@ def prompts_from_options(options: Sam2Options) -> list[Prompt]:
         ]
     elif options.boxes is not None:
         prompts = [
-            _prompt(
+            make_prompt(
                 index,
                 None,
                 None,
@@ -212,7 +204,9 @@ def prompts_from_options(options: Sam2Options) -> list[Prompt]:
         ]
     elif options.points is not None or options.box is not None:
         prompts = [
-            _prompt(0, options.points, options.labels, options.box, options.frame_index, "options")
+            make_prompt(
+                0, options.points, options.labels, options.box, options.frame_index, "options"
+            )
         ]
     else:
         return []
@@ -222,30 +216,6 @@ def prompts_from_options(options: Sam2Options) -> list[Prompt]:
             raise InvalidInput(f"{prompt.field}.id: {prompt.id!r} is used by two objects")
         seen.add(prompt.id)
     return prompts
-
-
-def prompts_from_orbit(prompt_points: list[dict[str, Any]]) -> list[Prompt]:
-    """The Orbit app's clicks: `[{"x", "y"}, ...]`, all on the object (a `label` of 0 marks
-    a background click), on the clip's first frame; one object, id 1."""
-    if not prompt_points:
-        raise InvalidInput("prompt_points: give at least one {x, y} point on the object")
-    points, labels = [], []
-    for index, item in enumerate(prompt_points):
-        where = f"prompt_points.{index}"
-        try:
-            x, y = float(item["x"]), float(item["y"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidInput(f"{where}: must be an object with numbers x and y") from exc
-        label = item.get("label", 1)
-        if label not in (0, 1):
-            raise InvalidInput(f"{where}.label: must be 1 (the object) or 0 (background)")
-        points.append((x, y))
-        labels.append(int(label))
-    if 1 not in labels:
-        raise InvalidInput("prompt_points: at least one point must be on the object")
-    if len(points) > MAX_POINTS:
-        raise InvalidInput(f"prompt_points: at most {MAX_POINTS} points")
-    return [_prompt(1, points, labels, None, 0, "prompt_points", points_field="prompt_points")]
 
 
 def check_inside(prompts: list[Prompt], width: int, height: int, what: str) -> None:

@@ -4,18 +4,18 @@ predict, turning `Results` into our response entities, and the annotated preview
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from core.contract import JobContext, TaskRequest
 from core.encode import encode_mask, image_to_jpeg
 from core.errors import InvalidInput
-from core.jobs import JobContext, TaskRequest
 from core.media import VideoFrame
-from core.models import LoadedModel, get_registry
+from core.models import LoadedModel, get_registry, worker_device
 from core.schemas import Detection, ImageResult, Keypoint, YoloOptions
 from core.video import clip_info, frame_stamp, is_clip, iter_clip_frames, per_frame_output
 
@@ -163,7 +163,7 @@ def predict_args(
 
 
 def predict(loaded: LoadedModel, request: TaskRequest, ctx: JobContext, **extra: Any) -> list[Any]:
-    options: YoloOptions = request.options  # type: ignore[assignment]
+    options = request.options_as(YoloOptions)
     args = predict_args(loaded, options, ctx, **extra)
     with ctx.timings.measure("inference"), loaded.lock:
         return loaded.model.predict(source=[image.pixels for image in request.images], **args)
@@ -206,7 +206,7 @@ def to_detections(
         )
         if masks is not None:
             detection.mask = encode_mask(masks[i], mask_format or "polygon")
-        if keypoints is not None:
+        if keypoints is not None and kpt_names is not None:
             detection.keypoints = [
                 Keypoint(name=kpt_names[k], x=x, y=y, confidence=c)
                 for k, (x, y, c) in enumerate(keypoints[i])
@@ -249,12 +249,12 @@ def image_results(
 
 def track_clip(
     loaded: LoadedModel, request: TaskRequest, ctx: JobContext, **extra: Any
-) -> Iterator[tuple[VideoFrame, Any]]:
+) -> Generator[tuple[VideoFrame, Any], None, None]:
     """Each sampled frame with its `Results`, tracked across the clip when `options.track`.
 
     The model's lock is held for the whole clip: the tracker's state lives on the model's
     predictor, so two clips must not interleave. The first frame starts fresh trackers."""
-    options: YoloOptions = request.options  # type: ignore[assignment]
+    options = request.options_as(YoloOptions)
     args = predict_args(loaded, options, ctx, **extra)
     frames = iter_clip_frames(request, options, warnings=ctx.warnings)
     with loaded.lock:
@@ -315,7 +315,7 @@ def video_results(
     with_keypoints: bool = False,
     **predict_args: Any,
 ) -> dict[str, Any]:
-    options: YoloOptions = request.options  # type: ignore[assignment]
+    options = request.options_as(YoloOptions)
     info = clip_info(request)
     names = class_names(loaded.model)
     frames: list[dict[str, Any]] = []
@@ -356,8 +356,6 @@ def run_yolo_task(
 
 
 def preload_yolo(name: str, kind: str) -> LoadedModel:
-    from core.jobs import worker_device
-
     loaded = load_yolo(name, kind, pin=True)
     warm_up(loaded, worker_device())
     return loaded

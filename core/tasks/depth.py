@@ -20,7 +20,6 @@ import json
 import logging
 import shutil
 import tempfile
-import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,11 +31,11 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from core.config import get_settings
+from core.contract import JobContext, TaskRequest
 from core.encode import DEPTH_PNG_LEVELS, depth_to_png16, depth_to_uint16, image_to_jpeg
 from core.errors import InvalidInput, ModelUnavailable
-from core.jobs import JobContext, TaskRequest, worker_device
 from core.media import VideoFrame
-from core.models import LoadedModel, get_registry
+from core.models import LoadedModel, download_whole, get_registry, worker_device
 from core.schemas import VideoOptions
 from core.tasks import Task, register
 from core.video import clip_info, frame_stamp, is_clip, iter_clip_frames, per_frame_output
@@ -54,7 +53,6 @@ ALIASES = {
     "depth_anything_v2_small": DEFAULT_MODEL,
 }
 DOWNLOAD_FILES = ["config.json", "model.safetensors", "preprocessor_config.json"]
-DOWNLOAD_ATTEMPTS = 3
 NOT_FOLDERS = (".pt", ".pth", ".onnx", ".bin", ".safetensors", ".engine", ".torchscript")
 
 COLORMAPS: dict[str, int | None] = {
@@ -168,24 +166,17 @@ def _download(target: Path) -> None:
     )
 
     repo = HUB_REPOS[target.name]
-    partial = target.with_name(f"{target.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
     timeout = get_settings().fetch_timeout_s
-    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
-        try:
-            snapshot_download(
-                repo, local_dir=partial, allow_patterns=DOWNLOAD_FILES, etag_timeout=timeout
-            )
-            break
-        except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, EntryNotFoundError):
-            raise  # permanent: retrying cannot help
-        except Exception as exc:  # network and server errors: bounded retries
-            if attempt == DOWNLOAD_ATTEMPTS:
-                raise
-            log.warning("download of %s failed (%s); retrying", repo, exc)
-            time.sleep(2.0**attempt)
-    shutil.rmtree(partial / ".cache", ignore_errors=True)
-    partial.rename(target)
+
+    def fetch(partial: Path) -> None:
+        snapshot_download(
+            repo, local_dir=partial, allow_patterns=DOWNLOAD_FILES, etag_timeout=timeout
+        )
+        shutil.rmtree(partial / ".cache", ignore_errors=True)
+
+    # Permanent: retrying cannot help.
+    permanent = (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, EntryNotFoundError)
+    download_whole(target, fetch, what=repo, permanent=permanent)
 
 
 def load_depth(name: str, *, pin: bool = False) -> LoadedModel:
@@ -407,7 +398,7 @@ def run_clip(
 
 
 def run(request: TaskRequest, ctx: JobContext) -> dict[str, Any]:
-    options: DepthOptions = request.options  # type: ignore[assignment]
+    options = request.options_as(DepthOptions)
     assert request.model is not None
     with ctx.timings.measure("load_model"):
         loaded = load_depth(request.model)

@@ -6,7 +6,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
-from core.jobs import JobContext, TaskRequest
+from core.contract import JobContext, TaskRequest
 from core.models import get_registry
 from core.schemas import HealthOptions
 from core.tasks import Task, load_all, register

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.jobs import JobContext, TaskRequest
+from core.contract import JobContext, TaskRequest
 from core.models import LoadedModel
 from core.schemas import PoseOptions
 from core.tasks import Task, register

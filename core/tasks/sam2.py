@@ -1,28 +1,26 @@
 """sam2-segmentation: SAM 2 masks from point and box prompts, on images or through a clip.
 
-- Image (`image`, `images`, the Studio's `payloadBase64`): every object's prompt (points with
+- Image (`image`, `images`, or `media` holding an image): every object's prompt (points with
   labels, a box, or both) gives its mask (or three candidates with `multimask_output`).
   The image's embedding is kept for the next few requests on the same pixels, so clicking
   again on one image costs only the mask decoder.
 - Video (`video`, `frames`): prompts on any frame (`frame_index`, the source frame's index as
   the result reports it) are propagated forward to the end and backward to the start; masks
   per object per sampled frame, in frame order; a long clip's masks go out as an artifact.
-- The Orbit app (`frames`, `fps`, `width`, `height`, `prompt_points`, no `task`): one object
-  clicked on the first frame; one PNG data URI per frame in `masks`.
+  `read_clip`, `load_model`, `track_objects` and `mask_box` are the pieces other jobs build
+  on (the Orbit app's masks, `core/apps/orbit.py`).
 """
 
 from __future__ import annotations
 
-import base64
 import bisect
-import json
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from core.encode import encode_mask, mask_to_png
+from core.contract import JobContext, TaskRequest
+from core.encode import encode_mask
 from core.errors import InvalidInput
-from core.jobs import JobContext, TaskRequest
 from core.media import VideoFrame
 from core.models import LoadedModel
 from core.tasks import Task, register
@@ -40,7 +38,6 @@ from core.tasks._sam2_prompts import (
     Sam2Options,
     check_inside,
     prompts_from_options,
-    prompts_from_orbit,
 )
 from core.tasks._sam2_video import ClipFrames, install_clip_loader, propagate
 from core.video import clip_info, frame_stamp, is_clip, iter_clip_frames, per_frame_output
@@ -52,17 +49,9 @@ NO_PROMPT = (
 
 
 def run(request: TaskRequest, ctx: JobContext) -> dict[str, Any]:
-    options: Sam2Options = request.options  # type: ignore[assignment]
+    options = request.options_as(Sam2Options)
     assert request.model is not None
     config_for(checkpoint_name(request.model))  # an unknown name fails before any decoding
-    raw = request.raw
-    orbit = raw is not None and raw.prompt_points is not None
-    if orbit and prompts_from_options(options):
-        raise InvalidInput("send prompt_points or prompts in options, not both")
-    if orbit:
-        if request.frames is None:
-            raise InvalidInput("prompt_points is the Orbit app's shape: send the clip as `frames`")
-        return run_orbit(request, ctx)
     prompts = prompts_from_options(options)
     if not prompts:
         raise InvalidInput(NO_PROMPT)
@@ -71,13 +60,13 @@ def run(request: TaskRequest, ctx: JobContext) -> dict[str, Any]:
     return run_images(request, ctx, prompts)
 
 
-def _load(request: TaskRequest, ctx: JobContext) -> LoadedModel:
+def load_model(request: TaskRequest, ctx: JobContext) -> LoadedModel:
     assert request.model is not None
     with ctx.timings.measure("load_model"):
         return load_sam2(request.model)
 
 
-def _bbox(mask: np.ndarray) -> list[int] | None:
+def mask_box(mask: np.ndarray) -> list[int] | None:
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
         return None
@@ -85,7 +74,7 @@ def _bbox(mask: np.ndarray) -> list[int] | None:
 
 
 def _mask_entry(mask: np.ndarray, mask_format: str) -> dict[str, Any]:
-    return {"area": int(mask.sum()), "box": _bbox(mask), "mask": encode_mask(mask, mask_format)}
+    return {"area": int(mask.sum()), "box": mask_box(mask), "mask": encode_mask(mask, mask_format)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,13 +82,13 @@ def _mask_entry(mask: np.ndarray, mask_format: str) -> dict[str, Any]:
 
 
 def run_images(request: TaskRequest, ctx: JobContext, prompts: list[Prompt]) -> dict[str, Any]:
-    options: Sam2Options = request.options  # type: ignore[assignment]
+    options = request.options_as(Sam2Options)
     for index, image in enumerate(request.images):
         what = "image" if len(request.images) == 1 else f"image (images.{index})"
         check_inside(prompts, image.width, image.height, what)
     if any(prompt.frame_index is not None for prompt in prompts):
         ctx.warnings.append("frame_index is for video prompts; ignored on an image")
-    loaded = _load(request, ctx)
+    loaded = load_model(request, ctx)
     model: Sam2Model = loaded.model
     results = []
     for index, image in enumerate(request.images):
@@ -152,9 +141,9 @@ def _image_object(
 # Video
 
 
-def _read_clip(request: TaskRequest, ctx: JobContext) -> list[VideoFrame]:
-    options: Sam2Options = request.options  # type: ignore[assignment]
-    frames = []
+def read_clip(request: TaskRequest, ctx: JobContext) -> list[VideoFrame]:
+    options = request.options_as(Sam2Options)
+    frames: list[VideoFrame] = []
     clip = iter_clip_frames(request, options, max_side=options.max_side, warnings=ctx.warnings)
     while True:
         with ctx.timings.measure("decode"):
@@ -193,7 +182,7 @@ def _prompt_positions(
     return positions
 
 
-def _track(
+def track_objects(
     loaded: LoadedModel,
     frames: list[VideoFrame],
     width: int,
@@ -246,11 +235,11 @@ def _track(
     missing = [i for i, entry in enumerate(masks) if entry is None]
     if missing:  # SAM 2 visits every frame between the ends; this would be a bug here
         raise RuntimeError(f"propagation left frames {missing} without masks")
-    return masks  # type: ignore[return-value]
+    return cast("list[dict[int | str, np.ndarray]]", masks)  # no None left (checked above)
 
 
 def run_video(request: TaskRequest, ctx: JobContext, prompts: list[Prompt]) -> dict[str, Any]:
-    options: Sam2Options = request.options  # type: ignore[assignment]
+    options = request.options_as(Sam2Options)
     info = clip_info(request)
     check_inside(prompts, info.width, info.height, "frames")
     for prompt in prompts:
@@ -261,10 +250,10 @@ def run_video(request: TaskRequest, ctx: JobContext, prompts: list[Prompt]) -> d
             )
     if options.multimask_output:
         ctx.warnings.append("multimask_output is for images; SAM 2 picks the mask on video")
-    frames = _read_clip(request, ctx)
+    frames = read_clip(request, ctx)
     positions = _prompt_positions(prompts, frames, ctx)
-    loaded = _load(request, ctx)
-    masks = _track(loaded, frames, info.width, info.height, prompts, positions, ctx)
+    loaded = load_model(request, ctx)
+    masks = track_objects(loaded, frames, info.width, info.height, prompts, positions, ctx)
 
     entries = []
     seen: dict[int | str, list[int]] = {prompt.id: [] for prompt in prompts}
@@ -291,67 +280,6 @@ def run_video(request: TaskRequest, ctx: JobContext, prompts: list[Prompt]) -> d
     output: dict[str, Any] = {"video": info.describe(options, len(frames)), "objects": summary}
     output.update(per_frame_output(ctx, entries))
     return output
-
-
-# --------------------------------------------------------------------------------------------
-# The Orbit app
-
-
-def run_orbit(request: TaskRequest, ctx: JobContext) -> dict[str, Any]:
-    """One object clicked on the first frame -> a PNG mask (data URI) per frame."""
-    raw = request.raw
-    assert raw is not None and raw.prompt_points is not None and request.frames is not None
-    info = clip_info(request)
-    prompts = prompts_from_orbit(raw.prompt_points)
-    # The app's clicks are in its own width x height space; the frames may be sent smaller.
-    space_w, space_h = raw.width or info.width, raw.height or info.height
-    if (space_w, space_h) != (info.width, info.height):
-        prompts = [p.scaled(info.width / space_w, info.height / space_h) for p in prompts]
-        ctx.warnings.append(
-            f"prompt_points scaled from {space_w}x{space_h} to the frames' "
-            f"{info.width}x{info.height}"
-        )
-    check_inside(prompts, info.width, info.height, "frames")
-    frames = _read_clip(request, ctx)
-    if len(frames) < len(request.frames):
-        ctx.warnings.append(
-            f"masks cover {len(frames)} of the {len(request.frames)} frames (options "
-            "max_frames, fps, start_sec, end_sec)"
-        )
-    loaded = _load(request, ctx)
-    masks = _track(loaded, frames, info.width, info.height, prompts, {1: 0}, ctx)
-
-    data_uris, details = [], []
-    with ctx.timings.measure("encode"):
-        for frame, per_object in zip(frames, masks, strict=True):
-            mask = per_object[1]
-            png = base64.b64encode(mask_to_png(mask)).decode("ascii")
-            data_uris.append(f"data:image/png;base64,{png}")
-            details.append({**frame_stamp(frame), "area": int(mask.sum()), "box": _bbox(mask)})
-    output: dict[str, Any] = {
-        "width": info.width,
-        "height": info.height,
-        "fps": round(info.fps, 3),
-        "frame_count": len(frames),
-        "video": info.describe(request.options, len(frames)),  # type: ignore[arg-type]
-    }
-    encoded = sum(len(uri) for uri in data_uris)
-    if encoded > ctx.settings.inline_max_bytes:
-        with ctx.timings.measure("upload"):
-            body = _json_bytes({"masks": data_uris, "frames": details})
-            output["masks_artifact"] = ctx.store.put("masks.json", body, "application/json")
-        ctx.warnings.append(
-            f"the masks are {encoded} bytes, over INLINE_MAX_BYTES; they are in masks_artifact"
-        )
-        output["frames"] = details
-    else:
-        output["masks"] = data_uris
-        output["frames"] = details
-    return output
-
-
-def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def load(name: str) -> LoadedModel:

@@ -21,26 +21,30 @@ given that (see `clip_tokenizer`).
 from __future__ import annotations
 
 import logging
-import shutil
-import time
 import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import Field, field_validator
 
 from core.config import get_settings
-from core.encode import MASK_FORMATS, encode_mask, image_to_jpeg
+from core.contract import JobContext, TaskRequest
+from core.encode import encode_mask, image_to_jpeg
 from core.errors import InvalidInput, ModelUnavailable
-from core.jobs import JobContext, TaskRequest
 from core.media import VideoFrame
-from core.models import LoadedModel, check_model_name, get_registry
-from core.schemas import VideoOptions
+from core.models import (
+    LoadedModel,
+    check_model_name,
+    download_whole,
+    get_registry,
+    worker_device,
+)
+from core.schemas import MaskFormat, VideoOptions
 from core.tasks import Task, register
 from core.tasks._yolo import summarise_tracks
 from core.video import clip_info, frame_stamp, is_clip, iter_clip_frames, per_frame_output
@@ -50,7 +54,6 @@ log = logging.getLogger("worker.sam3")
 MODEL_KIND = "sam3"
 DEFAULT_MODEL = "sam3.pt"
 HUB_REPO = "facebook/sam3"
-DOWNLOAD_ATTEMPTS = 3
 STRIDE = 14
 """SAM 3's ViT patch size: the input side is a multiple of it."""
 NATIVE_IMGSZ = 1008
@@ -98,7 +101,7 @@ class Sam3Options(VideoOptions):
         description="model input side in pixels (rounded up to a multiple of 14); "
         "SAM 3 is trained at 1008",
     )
-    mask_format: Literal["rle", "polygon", "png"] = "rle"
+    mask_format: MaskFormat = "rle"
     annotate: bool = Field(default=False, description="image: also return a JPEG preview")
     # Video only.
     new_object_threshold: float = Field(
@@ -123,13 +126,6 @@ class Sam3Options(VideoOptions):
     @classmethod
     def _multiple_of_stride(cls, value: int) -> int:
         return -(-value // STRIDE) * STRIDE
-
-    @field_validator("mask_format", mode="before")
-    @classmethod
-    def _lower(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.lower() in MASK_FORMATS:
-            return value.lower()
-        return value
 
 
 def parse_concepts(value: Any) -> Any:
@@ -236,8 +232,6 @@ def checkpoint_keys(path: Path) -> set[str]:
 
 
 def _load(path: Path) -> Sam3Model:
-    from core.jobs import worker_device
-
     require_packages()
     keys = checkpoint_keys(path)
     if not any(key.startswith("detector.") for key in keys):
@@ -268,8 +262,6 @@ def ensure_tracker(model: Sam3Model) -> Any:
     if model.tracker is None:
         from ultralytics.models.sam.build_sam3 import build_interactive_sam3
 
-        from core.jobs import worker_device
-
         tracker = build_interactive_sam3(str(model.path), with_backbone=False)
         model.tracker = tracker.to(worker_device()).eval()
     return model.tracker
@@ -286,9 +278,15 @@ def _download(target: Path) -> None:
         RepositoryNotFoundError,
     )
 
-    partial = target.with_name(f"{target.name}.partial")
-    partial.mkdir(parents=True, exist_ok=True)
     timeout = get_settings().fetch_timeout_s
+
+    def fetch(partial: Path) -> Path:
+        partial.mkdir(parents=True, exist_ok=True)
+        return Path(
+            hf_hub_download(HUB_REPO, DEFAULT_MODEL, local_dir=partial, etag_timeout=timeout)
+        )
+
+    # No access, no such file, or offline: retrying cannot help.
     permanent = (
         RepositoryNotFoundError,
         GatedRepoError,
@@ -296,23 +294,7 @@ def _download(target: Path) -> None:
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
     )
-    try:
-        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
-            try:
-                path = hf_hub_download(
-                    HUB_REPO, DEFAULT_MODEL, local_dir=partial, etag_timeout=timeout
-                )
-                Path(path).rename(target)
-                return
-            except permanent:
-                raise  # no access, no such file, or offline: retrying cannot help
-            except Exception as exc:  # network and server errors: bounded retries
-                if attempt == DOWNLOAD_ATTEMPTS:
-                    raise
-                log.warning("download of %s failed (%s); retrying", DEFAULT_MODEL, exc)
-                time.sleep(2.0**attempt)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    download_whole(target, fetch, what=DEFAULT_MODEL, permanent=permanent)
 
 
 def load_sam3(name: str, *, pin: bool = False) -> LoadedModel:
@@ -333,8 +315,6 @@ def load_sam3(name: str, *, pin: bool = False) -> LoadedModel:
 
 def load(name: str) -> LoadedModel:
     """PRELOAD_MODELS: load and pin the detector and the tracker; on CUDA, run once."""
-    from core.jobs import worker_device
-
     loaded = load_sam3(name, pin=True)
     model: Sam3Model = loaded.model
     with loaded.lock:
@@ -383,6 +363,10 @@ def _video_predictor_class() -> type:
 
     class ClipPredictor(SAM3VideoSemanticPredictor):
         """SAM 3's video predictor on the worker's loaded models, fed frames one at a time."""
+
+        # BasePredictor.__init__ sets these to None without annotations (mypy infers `None`).
+        dataset: Any
+        batch: Any
 
         def __init__(self, model: Sam3Model, overrides: dict[str, Any], **tracking: Any) -> None:
             self._loaded = model
@@ -479,7 +463,7 @@ def run(request: TaskRequest, ctx: JobContext) -> dict[str, Any]:
 
 
 def run_images(request: TaskRequest, ctx: JobContext, loaded: LoadedModel) -> dict[str, Any]:
-    options: Sam3Options = request.options  # type: ignore[assignment]
+    options = request.options_as(Sam3Options)
     concepts = options.text_prompt
     out = []
     with loaded.lock:  # the model caches the concepts' text embeddings: one job at a time
@@ -513,7 +497,7 @@ def run_images(request: TaskRequest, ctx: JobContext, loaded: LoadedModel) -> di
 
 
 def run_clip(request: TaskRequest, ctx: JobContext, loaded: LoadedModel) -> dict[str, Any]:
-    options: Sam3Options = request.options  # type: ignore[assignment]
+    options = request.options_as(Sam3Options)
     concepts = options.text_prompt
     info = clip_info(request)
     frames: list[dict[str, Any]] = []

@@ -35,9 +35,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
+from core.contract import JobContext, TaskRequest
 from core.errors import InvalidInput, ModelUnavailable
-from core.jobs import JobContext, TaskRequest
-from core.models import LoadedModel
+from core.models import LoadedModel, worker_device
 from core.schemas import YoloOptions
 from core.tasks import Task, register
 from core.tasks._flow import (
@@ -91,7 +91,7 @@ class VelocityOptions(YoloOptions):
 
 
 def run(request: TaskRequest, ctx: JobContext) -> dict[str, Any]:
-    options: VelocityOptions = request.options  # type: ignore[assignment]
+    options = request.options_as(VelocityOptions)
     assert request.model is not None
     if request.annotate:
         ctx.warnings.append("annotate is not supported by velocity-estimation; ignored")
@@ -286,8 +286,6 @@ def track_speeds(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def load(name: str) -> LoadedModel:
     """PRELOAD_MODELS: the detector (pinned, warmed up) and RAFT (pinned, warmed up)."""
-    from core.jobs import worker_device
-
     loaded = preload_yolo(name, "detect")
     raft = RaftFlow(load_raft(pin=True), worker_device(), iterations=1)
     side = raft.minimum

@@ -1,10 +1,10 @@
-"""Per-job signals from the local endpoint server to the code running the job.
+"""Per-job control signals: stop (cancel, execution timeout) and where progress goes.
 
-The server runs each job in one of its worker threads and binds a `JobControl` to that
-thread's context for the job's duration. Code deep inside a job (progress reporting, the
-splat training loop) consults it without the handler passing anything along, so the
-handlers keep RunPod's one-argument `handler(job)` shape. Outside the server nothing is
-bound and every function here is a no-op.
+Whatever runs a job (the local endpoint server, `core/serve/`, today) binds a `JobControl`
+to the running thread's context for the job's duration. Code deep inside a job (progress
+reporting, video loops, the splat training loop) consults it without the handler passing
+anything along, so the handlers keep RunPod's one-argument `handler(job)` shape and nothing
+below `core/serve/` imports the server. Outside a binding every function here is a no-op.
 """
 
 from __future__ import annotations
@@ -33,16 +33,16 @@ class JobControl:
             self.stop.set()
 
 
-_current: ContextVar[JobControl | None] = ContextVar("serve_job_control", default=None)
+_current: ContextVar[JobControl | None] = ContextVar("job_control", default=None)
 
 
 def current() -> JobControl | None:
-    """The control of the job this thread runs under the local server, if any."""
+    """The control bound to the job this thread runs, if any."""
     return _current.get()
 
 
 def cancel_requested() -> bool:
-    """True once the server asked the current job to stop (cancel or execution timeout)."""
+    """True once whatever runs the current job asked it to stop (cancel or execution timeout)."""
     control = _current.get()
     return control is not None and control.stop.is_set()
 

@@ -1,0 +1,48 @@
+"""App contracts: each app that moved its backend onto our workers, in one module of its own.
+
+An app module says how to recognise the app's request, how it becomes our job (`to_native`),
+and how our result becomes the app's response (`shape_result`); `core/apps/base.py` has the
+type. The workers stay app-agnostic: they take an adapter without knowing whose it is. The
+handlers call `run_infer` / `run_splat` here, which pick the adapter for the job's shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.apps import orbit, splatt, studio
+from core.apps.base import App, Worker
+from core.progress import ProgressSink
+
+# Checked in order; each recognises a shape the others do not send.
+APPS: tuple[App, ...] = (studio.APP, orbit.APP, splatt.APP)
+
+
+def get_app(name: str) -> App:
+    for app in APPS:
+        if app.name == name:
+            return app
+    raise KeyError(f"unknown app {name!r}; known: {', '.join(a.name for a in APPS)}")
+
+
+def recognise(worker: Worker, job_input: Any) -> App | None:
+    """The app whose request shape `job_input` is, among those of `worker`; None for ours."""
+    if not isinstance(job_input, dict):
+        return None
+    return next((a for a in APPS if a.worker == worker and a.recognises(job_input)), None)
+
+
+def run_infer(job: dict[str, Any], sink: ProgressSink | None = None) -> Any:
+    """An infer job in our shape or an app's; never raises."""
+    from core.infer import run_infer_job
+
+    app = recognise("infer", job.get("input"))
+    return run_infer_job(job, sink, app.adapter if app else None)
+
+
+def run_splat(job: dict[str, Any], sink: ProgressSink | None = None, **kwargs: Any) -> Any:
+    """A splat job in our shape or an app's; never raises."""
+    from core.splat.pipeline import run_splat_job
+
+    app = recognise("splat", job.get("input"))
+    return run_splat_job(job, sink, adapter=app.adapter if app else None, **kwargs)
