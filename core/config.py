@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     # Weights: looked up in this order; downloads only where allowed.
     weights_dir: Path = Field(default=REPO_ROOT / "weights")
     volume_weights_dir: Path = Field(default=Path("/runpod-volume/weights"))
+    hub_cache_dir: Path = Field(default=Path("/runpod-volume/huggingface-cache/hub"))
+    """RunPod's cached models (a Hugging Face cache), for models that come from a hub."""
     allow_model_downloads: bool = True
     preload_models: str = ""
     """Comma-separated `task` or `task=model` entries loaded before the worker takes jobs."""
@@ -31,6 +33,8 @@ class Settings(BaseSettings):
     """`auto` picks cuda:0 when available, else cpu; or name one (`cpu`, `cuda:1`)."""
     half_precision: bool = True
     """fp16 inference on CUDA (ignored on CPU)."""
+    max_concurrency: int = Field(default=1, ge=1, le=64)
+    """Jobs one worker runs at once (RunPod's `concurrency_modifier`); models keep one lock each."""
 
     # Input limits.
     max_input_bytes: int = Field(default=50 * 1024 * 1024, ge=1)

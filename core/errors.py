@@ -14,6 +14,9 @@ from pydantic import ValidationError
 
 log = logging.getLogger("worker")
 
+MAX_JSON_DEPTH = 64
+"""No request of ours nests deeper; a deeper one is refused before it reaches any parser."""
+
 
 class WorkerError(Exception):
     code = "internal"
@@ -75,6 +78,8 @@ def error_result(exc: BaseException, job_id: str | None = None) -> dict[str, Any
     """The job result for any exception; unexpected ones are logged with their traceback."""
     if isinstance(exc, ValidationError):
         exc = InvalidInput(describe_validation_error(exc))
+    elif isinstance(exc, RecursionError):  # a JSON input nested thousands deep
+        exc = InvalidInput(f"the input is nested too deeply (over {MAX_JSON_DEPTH} levels)")
     if isinstance(exc, WorkerError):
         log.warning("job %s failed: %s: %s", job_id, exc.code, exc.message)
         result: dict[str, Any] = {

@@ -219,6 +219,10 @@ def fit_longest_side(pixels: np.ndarray, max_side: int | None) -> np.ndarray:
     return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
 
 
+MAX_TIME_S = 7 * 24 * 3600.0
+"""The latest time a request may name in a clip (a week): past it, a time is a mistake."""
+
+
 def window_error(start_sec: float, end_sec: float | None) -> str | None:
     """Why [start_sec, end_sec) is not a time window, or None when it is."""
     if end_sec is not None and end_sec <= start_sec:

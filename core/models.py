@@ -1,8 +1,10 @@
 """Model registry: weight resolution, loading once, one lock per model, preload at start.
 
-Weights are looked up in order: WEIGHTS_DIR, the RunPod network volume, then the framework's
-own download where ALLOW_MODEL_DOWNLOADS allows it. A model that cannot be found is
-`model_unavailable`, naming every place that was tried.
+Weights are looked up in order: WEIGHTS_DIR, the RunPod network volume, RunPod's cache of hub
+models (for a model that comes from a hub repository), then the framework's own download
+where ALLOW_MODEL_DOWNLOADS allows it. A model that cannot be found is `model_unavailable`,
+naming every place that was tried. Loaded models are keyed by the file they came from, so
+`./x.pt` and `x.pt` are one model.
 """
 
 from __future__ import annotations
@@ -117,17 +119,48 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class HubFile:
+    """Where a model lives on a hub: the repository, and the file in it (None: the whole
+    snapshot is the model's folder, as for a transformers `save_pretrained` model)."""
+
+    repo: str
+    filename: str | None = None
+
+
+def hub_cache_path(cache_dir: Path, hub: HubFile) -> Path | None:
+    """The model in a Hugging Face cache (`models--ORG--NAME/snapshots/<commit>/`), as RunPod's
+    cached models lay it out: the snapshot `refs/main` names, else the newest one."""
+    root = cache_dir / f"models--{hub.repo.replace('/', '--')}"
+    snapshots = root / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = root / "refs" / "main"
+    chosen = snapshots / ref.read_text().strip() if ref.is_file() else None
+    if chosen is None or not chosen.is_dir():
+        candidates = [p for p in snapshots.iterdir() if p.is_dir()]
+        if not candidates:
+            return None
+        chosen = max(candidates, key=lambda p: p.stat().st_mtime)
+    target = chosen / hub.filename if hub.filename else chosen
+    return target if target.exists() else None
+
+
 class ModelRegistry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._models: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
+        self._aliases: dict[tuple[str, str], tuple[str, str]] = {}
+        """(kind, name as asked) -> (kind, resolved file): each spelling finds the one model."""
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, str], threading.Lock] = {}
 
     def search_dirs(self) -> list[Path]:
         return [Path(self.settings.weights_dir), Path(self.settings.volume_weights_dir)]
 
-    def resolve(self, name: str, download: Downloader | None = None) -> Path:
+    def resolve(
+        self, name: str, download: Downloader | None = None, hub: HubFile | None = None
+    ) -> Path:
         relative = check_model_name(name)
         tried = []
         for base in self.search_dirs():
@@ -135,6 +168,12 @@ class ModelRegistry:
             tried.append(str(candidate))
             if candidate.exists():
                 return candidate
+        if hub is not None:
+            cache = Path(self.settings.hub_cache_dir)
+            tried.append(f"{cache}/models--{hub.repo.replace('/', '--')}")
+            cached = hub_cache_path(cache, hub)
+            if cached is not None:
+                return cached
         if download is None:
             reason = "this model has no download source"
         elif not self.settings.allow_model_downloads:
@@ -172,44 +211,67 @@ class ModelRegistry:
         loader: Loader,
         download: Downloader | None = None,
         pin: bool = False,
+        hub: HubFile | None = None,
     ) -> LoadedModel:
-        key = (kind, name)
-        with self._lock:
-            loaded = self._models.get(key)
+        asked = (kind, str(check_model_name(name)))
+        loaded = self._cached(asked, pin)
+        if loaded is not None:
+            return loaded
+        with self._loading_lock(asked):  # two jobs asking for one model load it once
+            loaded = self._cached(asked, pin)
             if loaded is not None:
+                return loaded
+            path = self.resolve(name, download, hub)
+            key = (kind, str(path.resolve()))
+            with self._loading_lock(key):  # another spelling of the same file
+                with self._lock:
+                    loaded = self._models.get(key)
+                    if loaded is not None:
+                        self._aliases[asked] = key
+                        loaded.pinned |= pin
+                        return loaded
+                loaded = self._load(kind, name, path, loader, pin)
+                with self._lock:
+                    self._models[key] = loaded
+                    self._aliases[asked] = key
+                    self._evict()
+                return loaded
+
+    def _cached(self, asked: tuple[str, str], pin: bool) -> LoadedModel | None:
+        with self._lock:
+            key = self._aliases.get(asked)
+            loaded = self._models.get(key) if key else None
+            if loaded is not None and key is not None:
                 self._models.move_to_end(key)
                 loaded.pinned |= pin
-                return loaded
-            loading_lock = self._loading.setdefault(key, threading.Lock())
-        with loading_lock:  # two jobs asking for one model load it once
-            with self._lock:
-                if key in self._models:
-                    return self._models[key]
-            path = self.resolve(name, download)
-            started = time.perf_counter()
-            try:
-                model = loader(path)
-            except (InvalidInput, ModelUnavailable):
-                raise
-            except Exception as exc:
-                log.exception("loading %s from %s failed", name, path)
-                raise ModelUnavailable(
-                    f"model {name!r} at {path} could not be loaded as a {kind} model "
-                    f"({type(exc).__name__}: {exc})"
-                ) from exc
-            loaded = LoadedModel(
-                kind=kind,
-                name=name,
-                path=path,
-                model=model,
-                load_ms=(time.perf_counter() - started) * 1000,
-                pinned=pin,
-            )
-            log.info("loaded %s model %s from %s in %.0f ms", kind, name, path, loaded.load_ms)
-            with self._lock:
-                self._models[key] = loaded
-                self._evict()
             return loaded
+
+    def _loading_lock(self, key: tuple[str, str]) -> threading.Lock:
+        with self._lock:
+            return self._loading.setdefault(key, threading.Lock())
+
+    def _load(self, kind: str, name: str, path: Path, loader: Loader, pin: bool) -> LoadedModel:
+        started = time.perf_counter()
+        try:
+            model = loader(path)
+        except (InvalidInput, ModelUnavailable):
+            raise
+        except Exception as exc:
+            log.exception("loading %s from %s failed", name, path)
+            raise ModelUnavailable(
+                f"model {name!r} at {path} could not be loaded as a {kind} model "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        loaded = LoadedModel(
+            kind=kind,
+            name=name,
+            path=path,
+            model=model,
+            load_ms=(time.perf_counter() - started) * 1000,
+            pinned=pin,
+        )
+        log.info("loaded %s model %s from %s in %.0f ms", kind, name, path, loaded.load_ms)
+        return loaded
 
     def _evict(self) -> None:
         unpinned = [k for k, m in self._models.items() if not m.pinned]

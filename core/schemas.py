@@ -7,12 +7,66 @@ out-of-range values are errors naming the field.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from core.encode import MASK_FORMATS
-from core.media import window_error
+from core.media import MAX_TIME_S, window_error
+
+
+def takes_number(annotation: Any) -> bool:
+    """Whether a field's type holds numbers (int, float, or containers of them), not bools."""
+    if annotation in (int, float):
+        return True
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return takes_number(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        args = get_args(annotation)
+        return bool not in args and any(takes_number(arg) for arg in args)
+    if origin in (list, tuple, set, frozenset):
+        return any(takes_number(arg) for arg in get_args(annotation) if arg is not Ellipsis)
+    return False
+
+
+def holds_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, list | tuple):
+        return any(holds_bool(item) for item in value)
+    if isinstance(value, dict):
+        return any(holds_bool(item) for item in value.values())
+    return False
+
+
+class StrictModel(BaseModel):
+    """Base of every request model. Python's `True == 1` and pydantic's lax mode would take
+    `threshold: true` as 1.0 and `classes: [true]` as class 1; JSON booleans are not numbers,
+    so a number field refuses them (at any depth), and infinities and NaN are refused too."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bools_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        name = info.field_name
+        if (
+            name is not None
+            and holds_bool(value)
+            and takes_number(cls.model_fields[name].annotation)
+        ):
+            raise ValueError("must be a number, not true or false")
+        return value
 
 
 def _lower_mask_format(value: Any) -> Any:
@@ -25,10 +79,10 @@ MaskFormat = Annotated[Literal["polygon", "rle", "png"], BeforeValidator(_lower_
 """How a mask is encoded (`core/encode.py`): any case is accepted."""
 
 
-class InferRequest(BaseModel):
+class InferRequest(StrictModel):
     """The `input` of an infer job. Exactly one media field is used, by the task's needs."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     task: str = Field(min_length=1, max_length=64)
     model: str | None = Field(default=None, min_length=1, max_length=255)
@@ -47,10 +101,10 @@ class InferRequest(BaseModel):
         return sorted(self.model_extra or {})
 
 
-class TaskOptions(BaseModel):
+class TaskOptions(StrictModel):
     """Base of every task's options; subclasses add fields."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     @classmethod
     def parse(cls, options: dict[str, Any], task: str) -> tuple[TaskOptions, list[str]]:
@@ -74,8 +128,8 @@ class VideoOptions(TaskOptions):
         default=None, gt=0, le=240, description="sample at most this many frames per second"
     )
     max_frames: int = Field(default=300, ge=1, le=10_000)
-    start_sec: float = Field(default=0.0, ge=0)
-    end_sec: float | None = Field(default=None, gt=0)
+    start_sec: float = Field(default=0.0, ge=0, le=MAX_TIME_S)
+    end_sec: float | None = Field(default=None, gt=0, le=MAX_TIME_S)
 
     @model_validator(mode="after")
     def _end_after_start(self) -> VideoOptions:

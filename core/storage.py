@@ -22,12 +22,12 @@ from urllib.parse import urlsplit
 
 from core.config import Settings
 from core.errors import InvalidInput, UploadFailed
+from core.naming import safe_name, safe_name_error
 from core.netguard import check_public_host
 
 log = logging.getLogger("worker.storage")
 
 MULTIPART_CHUNK_BYTES = 16 * 1024 * 1024
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,200}$")
 
 
 @dataclass(frozen=True)
@@ -41,14 +41,23 @@ class BucketTarget:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BucketTarget | None:
-        if not settings.bucket_configured:
+        """The BUCKET_* settings; with no BUCKET_NAME, RunPod's `rp_upload` convention: a
+        virtual-host BUCKET_ENDPOINT_URL (`https://<bucket>.s3.<region>.amazonaws.com`) names
+        the bucket and the region."""
+        endpoint = settings.bucket_endpoint_url or None
+        bucket, region = settings.bucket_name, settings.bucket_region
+        if not bucket and endpoint:
+            named = bucket_in_endpoint(endpoint)
+            if named is not None:
+                endpoint, bucket, region = named.endpoint, named.bucket, region or named.region
+        if not (bucket and settings.bucket_access_key_id):
             return None
         return cls(
-            bucket=str(settings.bucket_name),
+            bucket=bucket,
             access_key_id=settings.bucket_access_key_id,
             secret_access_key=settings.bucket_secret_access_key,
-            endpoint_url=settings.bucket_endpoint_url or None,
-            region=settings.bucket_region,
+            endpoint_url=endpoint,
+            region=region,
             key_prefix=settings.bucket_key_prefix,
         )
 
@@ -73,6 +82,32 @@ class BucketTarget:
             region=s3_config.get("region") or settings.bucket_region,
             key_prefix=settings.bucket_key_prefix,
         )
+
+
+@dataclass(frozen=True)
+class NamedEndpoint:
+    endpoint: str
+    """The service endpoint, without the bucket's label."""
+    bucket: str
+    region: str | None
+
+
+# `<bucket>.s3.<region>.<provider domain>`: AWS, Backblaze B2 and other S3 hosts that use it.
+_VIRTUAL_HOST = re.compile(
+    r"^(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])\.(?P<service>s3[.-](?P<region>[a-z0-9-]+)\..+)$"
+)
+
+
+def bucket_in_endpoint(url: str) -> NamedEndpoint | None:
+    """The bucket a virtual-host endpoint URL names (RunPod's `rp_upload` reads it so), with
+    the region and the endpoint to call; None for a plain service endpoint."""
+    parts = urlsplit(url)
+    match = _VIRTUAL_HOST.match((parts.hostname or "").lower())
+    if parts.scheme not in ("http", "https") or match is None:
+        return None
+    service = match["service"]
+    port = f":{parts.port}" if parts.port else ""
+    return NamedEndpoint(f"{parts.scheme}://{service}{port}", match["bucket"], match["region"])
 
 
 def s3_client(target: BucketTarget, settings: Settings) -> Any:
@@ -111,7 +146,10 @@ class ArtifactStore:
 
     def __init__(self, settings: Settings, job_id: str, bucket: BucketTarget | None) -> None:
         self.settings = settings
-        self.job_id = re.sub(r"[^A-Za-z0-9._-]", "_", job_id) or "job"
+        # The folder or key part every artifact of the job goes under. A platform job id may
+        # hold a `/` (made `_`); what is left must still be one safe name: never `.` or `..`.
+        # Names from a request (an app's task id) are checked where the request is parsed.
+        self.job_id = safe_name(re.sub(r"[^A-Za-z0-9._-]", "_", job_id), "job id")
         self.bucket = bucket
         self.inline_budget = settings.inline_max_bytes
         self._client: Any = None
@@ -126,8 +164,8 @@ class ArtifactStore:
 
     def put(self, name: str, data: bytes | Path, content_type: str | None = None) -> dict[str, Any]:
         """Store one artifact and describe it: name, bytes, sha256, content type, where."""
-        if not _SAFE_NAME.match(name) or ".." in name:
-            raise ValueError(f"unsafe artifact name {name!r}")
+        if len(name) > 255 or any(safe_name_error(part) for part in name.split("/")):
+            raise ValueError(f"unsafe artifact name {name!r}")  # ours, never a request's: a bug
         content_type = content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
         size = len(data) if isinstance(data, bytes) else data.stat().st_size
         record: dict[str, Any] = {

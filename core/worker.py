@@ -8,6 +8,7 @@ never raises to the SDK and a bad job never takes the worker down.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -93,6 +94,23 @@ def write_result_file(settings: Settings, result: Any) -> None:
         path.write_text(json.dumps(result, indent=1))
     except OSError:
         log.exception("could not write RESULT_PATH")
+
+
+def serverless_config(handler: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """What `runpod.serverless.start` takes. With MAX_CONCURRENCY > 1 the SDK is told so (its
+    `concurrency_modifier`) and each job runs in a thread of its own: the SDK awaits handlers
+    on one event loop, so a plain function would run its jobs one after another anyway."""
+    concurrency = get_settings().max_concurrency
+    if concurrency == 1:
+        return {"handler": handler}
+
+    async def concurrent_handler(job: dict[str, Any]) -> Any:
+        return await asyncio.to_thread(handler, job)  # copies the context: job control too
+
+    return {
+        "handler": concurrent_handler,
+        "concurrency_modifier": lambda _current: concurrency,
+    }
 
 
 def configure_logging() -> None:

@@ -16,7 +16,7 @@ from core.errors import WorkerError
 from core.infer import preload
 from core.models import worker_device
 from core.tasks import load_all
-from core.worker import configure_logging
+from core.worker import configure_logging, serverless_config
 
 log = logging.getLogger("worker")
 
@@ -49,7 +49,7 @@ def main() -> None:
 
     configure_logging()
     startup()
-    runpod.serverless.start({"handler": handler})
+    runpod.serverless.start(serverless_config(handler))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.apps import run_splat
-from core.worker import configure_logging
+from core.worker import configure_logging, serverless_config
 
 log = logging.getLogger("worker")
 
@@ -32,7 +32,7 @@ def main() -> None:
 
     configure_logging()
     startup()
-    runpod.serverless.start({"handler": handler})
+    runpod.serverless.start(serverless_config(handler))
 
 
 if __name__ == "__main__":

@@ -92,6 +92,18 @@ def corpus(tmp: Path) -> list[tuple[str, Any, str, str]]:
         ("imgsz zero", detect(imgsz=0), "invalid_input", "options.imgsz"),
         ("imgsz huge", detect(imgsz=10**6), "invalid_input", "options.imgsz"),
         ("iou wrong type", detect(iou=[0.5]), "invalid_input", "options.iou"),
+        # JSON booleans are not numbers; times are finite and bounded (issue 11).
+        ("threshold true", detect(threshold=True), "invalid_input", "options.threshold"),
+        ("max_det true", detect(max_det=True), "invalid_input", "options.max_det"),
+        ("classes [true]", detect(classes=[True]), "invalid_input", "options.classes"),
+        ("threshold NaN", detect(threshold=float("nan")), "invalid_input", "options.threshold"),
+        (
+            "start_sec infinite",
+            {"task": "object-detection", "video": b64(video), "options": {"start_sec": 1e308}},
+            "invalid_input",
+            "options.start_sec",
+        ),
+        ("model dot-dot path", {**detect(), "model": "./../x.pt"}, "invalid_input", "WEIGHTS_DIR"),
         ("unknown class name", detect(classes=["unicorn"]), "invalid_input", "unicorn"),
         ("negative class id", detect(classes=[-1]), "invalid_input", "options.classes"),
         ("class id out of range", detect(classes=[999]), "invalid_input", "999"),

@@ -12,22 +12,23 @@ import base64
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from core.apps.base import App, without
 from core.contract import JobContext, RequestAdapter, TaskRequest
 from core.encode import mask_to_png
 from core.errors import InvalidInput
+from core.schemas import StrictModel
 from core.tasks._sam2_prompts import MAX_POINTS, Prompt, Sam2Options, check_inside, make_prompt
 from core.video import clip_info, frame_stamp
 
 ORBIT_FIELDS = ("prompt_points", "width", "height")
 
 
-class OrbitSubmit(BaseModel):
+class OrbitSubmit(StrictModel):
     """The fields only Orbit sends; the rest (`frames`, `fps`, `options`) are ours."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     width: int | None = Field(default=None, ge=1)
     height: int | None = Field(default=None, ge=1)

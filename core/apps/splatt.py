@@ -11,6 +11,7 @@ from typing import Any
 from core.apps.base import App, without
 from core.contract import RequestAdapter
 from core.errors import InvalidInput
+from core.naming import safe_name
 
 SPLATT_FIELDS = ("task_id", "filebin_url", "filename")
 
@@ -38,7 +39,8 @@ def to_native(job_input: dict[str, Any]) -> dict[str, Any]:
     native["formats"] = ["ply_sh0", "ply"]
     native["artifact_names"] = {"ply_sh0": "baked_splat.ply", "ply": "baked_splat_sh.ply"}
     if job_input.get("task_id") is not None:
-        native["output_folder"] = job_input["task_id"]
+        # Its folder and key prefix: a safe name, checked under the app's own field name.
+        native["output_folder"] = safe_name(job_input["task_id"], "task_id")
     return native
 
 

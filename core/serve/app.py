@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import describe_validation_error
+from core.errors import MAX_JSON_DEPTH, describe_validation_error
 from core.serve.runner import JobConflict, Runner
 from core.serve.settings import ServeSettings
 from core.serve.store import (
@@ -132,6 +133,34 @@ def _api_key_check(settings: ServeSettings) -> Any:
     return check
 
 
+_JSON_STRUCTURE = re.compile(rb'["\[\]{}]')
+
+
+def json_depth(body: bytes) -> int:
+    """How deep a JSON text's arrays and objects nest, counted without parsing it (Python's
+    parser recurses, and a body nested 100,000 deep would exhaust the stack). Strings are
+    skipped whole (a base64 image is one `find`), so brackets inside them do not count."""
+    depth = deepest = position = 0
+    while (found := _JSON_STRUCTURE.search(body, position)) is not None:
+        char, position = body[found.start()], found.end()
+        if char == 0x22:  # a string: to its closing quote, one not escaped by a backslash
+            while (position := body.find(b'"', position)) >= 0:
+                before = position - 1
+                while before >= 0 and body[before] == 0x5C:  # backslashes before the quote
+                    before -= 1
+                position += 1
+                if (position - 2 - before) % 2 == 0:
+                    break
+            if position < 0:
+                return deepest  # unterminated: the JSON parser says so
+        elif char in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
 def _json(text: str, status_code: int = 200) -> Response:
     return Response(text, status_code=status_code, media_type="application/json")
 
@@ -154,6 +183,9 @@ async def _read_job_request(request: Request, limit: int, settings: ServeSetting
             raise ApiError(413, f"the body is over {limit} bytes, this route's limit")
     if not body.strip():
         raise ApiError(400, 'the body must be JSON like {"input": {...}}')
+    depth = json_depth(bytes(body))
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the body nests {depth} levels deep; at most {MAX_JSON_DEPTH}")
     try:
         data = json.loads(body)
     except ValueError as exc:

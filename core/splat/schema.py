@@ -6,14 +6,15 @@ from us is generic here: `formats`, `artifact_names` and `output_folder`.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from core.errors import InvalidInput
-from core.media import window_error
+from core.media import MAX_TIME_S, window_error
+from core.naming import safe_name_error
+from core.schemas import StrictModel
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,10 @@ FORMAT_FILES: dict[str, str] = {
     "ply_compressed": "splat.compressed.ply",
     "rgb_ply": "points_rgb.ply",
 }
-_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class SplatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class SplatRequest(StrictModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     task: Literal["splat", "sfm"] = "splat"
     video: str | None = None
@@ -57,8 +57,8 @@ class SplatRequest(BaseModel):
     zip: str | None = None
     preset: Literal["fast", "balanced", "high"] = "balanced"
     fps: float | None = Field(default=None, gt=0, le=60)
-    start_sec: float = Field(default=0.0, ge=0)
-    end_sec: float | None = Field(default=None, gt=0)
+    start_sec: float = Field(default=0.0, ge=0, le=MAX_TIME_S)
+    end_sec: float | None = Field(default=None, gt=0, le=MAX_TIME_S)
     iterations: int | None = Field(default=None, ge=1, le=200_000)
     max_gaussians: int | None = Field(default=None, ge=1_000, le=50_000_000)
     max_frames: int = Field(default=300, ge=2, le=2_000)
@@ -86,8 +86,17 @@ class SplatRequest(BaseModel):
     @classmethod
     def _file_names(cls, value: dict[Format, str]) -> dict[Format, str]:
         for fmt, name in value.items():
-            if not _FILE_NAME.match(name):
-                raise ValueError(f"{fmt}: {name!r} is not a plain file name")
+            problem = safe_name_error(name)
+            if problem:
+                raise ValueError(f"{fmt}: {problem}")
+        return value
+
+    @field_validator("output_folder")
+    @classmethod
+    def _folder_name(cls, value: str | None) -> str | None:
+        problem = None if value is None else safe_name_error(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     def unknown_fields(self) -> list[str]:

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from core.errors import InvalidInput
-from core.schemas import MaskFormat, VideoOptions
+from core.schemas import MaskFormat, StrictModel, VideoOptions
 
 MAX_OBJECTS = 32
 MAX_POINTS = 64
@@ -47,11 +47,11 @@ def _check_box(box: Box | None) -> None:
         raise ValueError(f"box {list(box)} must be [x1, y1, x2, y2] with x2 > x1 and y2 > y1")
 
 
-class Sam2Object(BaseModel):
+class Sam2Object(StrictModel):
     """One object to segment: points (with labels, 1 by default) and/or a box, in pixels of
     the image (or of the video's frames), on a frame of a video."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     id: int | str | None = Field(default=None, description="echoed back; default: its index")
     points: list[Point] | None = Field(default=None, min_length=1, max_length=MAX_POINTS)

@@ -35,7 +35,7 @@ from core.contract import JobContext, TaskRequest
 from core.encode import DEPTH_PNG_LEVELS, depth_to_png16, depth_to_uint16, image_to_jpeg
 from core.errors import InvalidInput, ModelUnavailable
 from core.media import VideoFrame
-from core.models import LoadedModel, download_whole, get_registry, worker_device
+from core.models import HubFile, LoadedModel, download_whole, get_registry, worker_device
 from core.schemas import VideoOptions
 from core.tasks import Task, register
 from core.video import clip_info, frame_stamp, is_clip, iter_clip_frames, per_frame_output
@@ -182,7 +182,8 @@ def _download(target: Path) -> None:
 def load_depth(name: str, *, pin: bool = False) -> LoadedModel:
     name = canonical_name(name)
     download = _download if name in HUB_REPOS else None
-    return get_registry().get(MODEL_KIND, name, _load, download, pin=pin)
+    hub = HubFile(HUB_REPOS[name]) if name in HUB_REPOS else None  # RunPod's cached models
+    return get_registry().get(MODEL_KIND, name, _load, download, pin=pin, hub=hub)
 
 
 def load(name: str) -> LoadedModel:

@@ -38,6 +38,7 @@ from core.encode import encode_mask, image_to_jpeg
 from core.errors import InvalidInput, ModelUnavailable
 from core.media import VideoFrame
 from core.models import (
+    HubFile,
     LoadedModel,
     check_model_name,
     download_whole,
@@ -302,8 +303,9 @@ def load_sam3(name: str, *, pin: bool = False) -> LoadedModel:
         raise InvalidInput(f"model {name!r}: SAM 3 weights are a .pt file such as {DEFAULT_MODEL}")
     check_model_name(name)
     download = _download if name == DEFAULT_MODEL else None
+    hub = HubFile(HUB_REPO, DEFAULT_MODEL) if name == DEFAULT_MODEL else None
     try:
-        return get_registry().get(MODEL_KIND, name, _load, download, pin=pin)
+        return get_registry().get(MODEL_KIND, name, _load, download, pin=pin, hub=hub)
     except ModelUnavailable as exc:
         if "looked_in" not in exc.details:  # found but unusable: that message says why
             raise
