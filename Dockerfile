@@ -50,8 +50,9 @@ RUN pip install --no-cache-dir -c "${VIRTUAL_ENV}/torch-constraints.txt" setupto
 
 # Weights: baked here so that the worker never downloads at start. WEIGHTS picks them
 # (scripts/fetch_weights.py: names and groups; `default` is YOLO11n detect/seg/pose, SAM 2.1
-# tiny, Depth Anything V2 Small and RAFT small, plus SAM 3 when the build secret `hf_token` gives
-# access). WEIGHTS_FROM_CONTEXT=1 copies them from the build context's weights/ folder instead.
+# tiny, Depth Anything V2 Small and RAFT small, and the Perception Concept Studio's YOLO26n
+# detect/seg/pose, Depth Anything V1 Small and RAFT large, plus SAM 3 when the build secret
+# `hf_token` gives access). WEIGHTS_FROM_CONTEXT=1 copies them from the build context's weights/.
 ENV WEIGHTS_DIR=/opt/weights
 ARG WEIGHTS=default
 ARG WEIGHTS_FROM_CONTEXT=""

@@ -45,7 +45,7 @@ def main() -> None:
     )
     from scripts.make_test_weights import make_default_checkpoints
 
-    make_default_checkpoints(weights)
+    make_default_checkpoints(weights, sam3=False)
     jobs = {name: job for name, job in JOBS.items() if name != "velocity-estimation"}
     if args.sam3:
         from scripts.make_test_weights_sam3 import make_sam3_checkpoint

@@ -253,3 +253,13 @@ class ArtifactStore:
         self.inline_budget -= encoded
         raw = data if isinstance(data, bytes) else data.read_bytes()
         return {"storage": "inline", "data": base64.b64encode(raw).decode("ascii")}
+
+
+def read_artifact(record: dict[str, Any]) -> bytes | None:
+    """The bytes of an artifact this worker stored inline or in OUTPUT_DIR; None for one in S3
+    (its presigned `url` is how a client reads it)."""
+    if record.get("storage") == "inline":
+        return base64.b64decode(record["data"])
+    if record.get("storage") == "local":
+        return Path(record["path"]).read_bytes()
+    return None

@@ -130,7 +130,7 @@ else
 fi
 say "context: $(find "$CTX" -type f | wc -l) files from ${REF:-the working tree}"
 export YOLO_CONFIG_DIR="$WORK/ultralytics-config" YOLO_OFFLINE=1
-(cd "$REPO" && "$PYTHON" scripts/make_test_weights.py --all "$CTX/weights" >/dev/null)
+(cd "$REPO" && "$PYTHON" scripts/make_test_weights.py --all --no-sam3 "$CTX/weights" >/dev/null)
 
 # 3. pip inside the build uses this machine's pip settings (local indexes, certificate).
 mapfile -t PIP_MOUNTS < <("$PYTHON" "$REPO/scripts/docker/report.py" pip-config "$WORK/pip.conf")

@@ -10,9 +10,11 @@ example to fill a RunPod network volume that several endpoints share:
     HF_TOKEN=hf_... python scripts/fetch_weights.py --dest weights --models sam3.pt
 
 `--models` is a comma-separated list of names, as the worker looks them up in WEIGHTS_DIR, and
-groups: `default` (YOLO11n detect, seg and pose, SAM 2.1 tiny, Depth Anything V2 Small, RAFT
-small, and SAM 3 when a Hugging Face token is given), `yolo`, `sam2` (the four SAM 2.1 sizes),
-`all` (the whole catalog; with --from-dir, everything in that folder) and `none`.
+groups: `default` (`ours` and `studio`), `ours` (YOLO11n detect, seg and pose, SAM 2.1 tiny,
+Depth Anything V2 Small, RAFT small), `studio` (the Perception Concept Studio's: YOLO26n detect,
+seg and pose, Depth Anything V1 Small, RAFT large), with SAM 3 in `default` and `studio` when a
+Hugging Face token is given; `yolo`, `sam2` (the four SAM 2.1 sizes), `all` (the whole catalog;
+with --from-dir, everything in that folder) and `none`.
 
 Each model lands under its final name only once complete (written beside it, then renamed), and
 `weights-manifest.json` records the bytes, sha256 and source of each.
@@ -105,24 +107,44 @@ CATALOG: dict[str, Source] = {
         "torchvision", "torchvision.models.optical_flow", "Raft_Small_Weights"
     ),
     "sam3.pt": Source("hf_file", "facebook/sam3", "sam3.pt", gated=True),
+    # The Perception Concept Studio's models, under the names its proxy sends.
+    "yolo26n.pt": Source("ultralytics"),
+    "yolo26n-seg.pt": Source("ultralytics"),
+    "yolo26n-pose.pt": Source("ultralytics"),
+    "depth-anything-small-hf": Source(  # Depth Anything V1 Small
+        "hf_snapshot", "LiheYoung/depth-anything-small-hf", patterns=("*.json", "*.safetensors")
+    ),
+    "raft_large.pth": Source(
+        "torchvision", "torchvision.models.optical_flow", "Raft_Large_Weights"
+    ),
 }
 GATED = tuple(name for name, source in CATALOG.items() if source.gated)
+OURS = (
+    "yolo11n.pt",
+    "yolo11n-seg.pt",
+    "yolo11n-pose.pt",
+    "sam2.1_hiera_tiny.pt",
+    "depth-anything-v2-small",
+    "raft_small.pth",
+)
+STUDIO = (  # and sam3.pt, gated: taken where a token (or the file) is available
+    "yolo26n.pt",
+    "yolo26n-seg.pt",
+    "yolo26n-pose.pt",
+    "depth-anything-small-hf",
+    "raft_large.pth",
+)
 GROUPS: dict[str, tuple[str, ...]] = {
-    "default": (
-        "yolo11n.pt",
-        "yolo11n-seg.pt",
-        "yolo11n-pose.pt",
-        "sam2.1_hiera_tiny.pt",
-        "depth-anything-v2-small",
-        "raft_small.pth",
-    ),
+    "default": OURS + STUDIO,
+    "ours": OURS,
+    "studio": STUDIO,
     "yolo": ("yolo11n.pt", "yolo11n-seg.pt", "yolo11n-pose.pt"),
     "sam2": tuple(name for name in CATALOG if name.startswith("sam2.1_")),
     "all": tuple(name for name in CATALOG if name not in GATED),
     "none": (),
 }
 # Groups that also take the gated models when they are available (a token, or the file).
-GROUPS_WITH_GATED = {"default", "all"}
+GROUPS_WITH_GATED = {"default", "studio", "all"}
 
 
 @dataclass(frozen=True)

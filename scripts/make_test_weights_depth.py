@@ -64,9 +64,14 @@ def v2_small_processor() -> object:
     )
 
 
-def make_depth_checkpoint(target: Path, seed: int = 0) -> Path:
-    """`target/depth-anything-v2-small/` (config.json, model.safetensors,
-    preprocessor_config.json); returns the folder."""
+# Depth Anything V1 Small (`LiheYoung/depth-anything-small-hf`, the Perception Concept Studio's)
+# has the same architecture and files as V2 Small; only the weights differ.
+V1_FOLDER = "depth-anything-small-hf"
+
+
+def make_depth_checkpoint(target: Path, seed: int = 0, folder_name: str = DEFAULT_FOLDER) -> Path:
+    """`target/<folder_name>/` (config.json, model.safetensors, preprocessor_config.json), by
+    default `depth-anything-v2-small`; returns the folder."""
     import torch
     from transformers import DepthAnythingForDepthEstimation
 
@@ -78,7 +83,7 @@ def make_depth_checkpoint(target: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         model.head.conv3.weight.mul_(3000.0)
         model.head.conv3.bias.fill_(1.0)
-    folder = target / DEFAULT_FOLDER
+    folder = target / folder_name
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     v2_small_processor().save_pretrained(folder)

@@ -105,14 +105,18 @@ class LocalServer:
 
 @contextmanager
 def local_server(
-    handler: Callable[[dict[str, Any]], Any], db_path: Path, **overrides: Any
+    handler: Callable[[dict[str, Any]], Any],
+    db_path: Path,
+    app_contract: Any = None,
+    **overrides: Any,
 ) -> Iterator[LocalServer]:
-    """The real app and runner on a loopback port, served by uvicorn in a thread."""
+    """The real app and runner on a loopback port, served by uvicorn in a thread; with an app
+    contract (`core.apps.get_app(name)`), its routes too, as `--app NAME` serves them."""
     params = {"api_key": API_KEY, "monitor_interval_s": 0.05, **overrides}
     settings = ServeSettings(db_path=db_path, port=free_port(), **params)
     store = JobStore(settings.db_path)
     runner = Runner(handler, store, settings)
-    app = create_app(runner, settings)
+    app = create_app(runner, settings, app_contract)
     config = uvicorn.Config(
         app, host="127.0.0.1", port=settings.port, log_config=None, access_log=False
     )

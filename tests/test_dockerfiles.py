@@ -30,6 +30,14 @@ DEFAULT_SIX = [
     "depth-anything-v2-small",
     "raft_small.pth",
 ]
+# The Perception Concept Studio's names (issue 12), baked by default beside ours.
+STUDIO_FIVE = [
+    "yolo26n.pt",
+    "yolo26n-seg.pt",
+    "yolo26n-pose.pt",
+    "depth-anything-small-hf",
+    "raft_large.pth",
+]
 
 
 def hadolint() -> str:
@@ -195,10 +203,13 @@ def test_build_script_parses() -> None:
 # fetch_weights: selection
 
 
-def test_default_selection_is_the_six_models_and_sam3_when_available() -> None:
+def test_default_selection_is_ours_and_the_studios_and_sam3_when_available() -> None:
     wanted = fw.resolve_selection("default")
-    assert [w.name for w in wanted if w.required] == DEFAULT_SIX
+    assert [w.name for w in wanted if w.required] == DEFAULT_SIX + STUDIO_FIVE
     assert [w.name for w in wanted if not w.required] == ["sam3.pt"]
+    assert [w.name for w in fw.resolve_selection("ours")] == DEFAULT_SIX
+    studio = fw.resolve_selection("studio", token_available=True)
+    assert [w.name for w in studio] == [*STUDIO_FIVE, "sam3.pt"]
 
 
 def test_selection_dedups_and_keeps_order() -> None:
@@ -259,9 +270,14 @@ def test_catalog_sources_are_the_published_ones() -> None:
     depth = fw.CATALOG["depth-anything-v2-small"]
     assert depth.kind == "hf_snapshot" and depth.repo == "depth-anything/Depth-Anything-V2-Small-hf"
     assert {"*.json", "*.safetensors"} == set(depth.patterns)
-    raft = fw.CATALOG["raft_small.pth"]
-    weights = getattr(importlib.import_module(raft.repo), raft.item).DEFAULT
-    assert weights.url.endswith(".pth") and "raft_small" in weights.url
+    for name in ("raft_small.pth", "raft_large.pth"):
+        raft = fw.CATALOG[name]
+        weights = getattr(importlib.import_module(raft.repo), raft.item).DEFAULT
+        assert weights.url.endswith(".pth") and name.removesuffix(".pth") in weights.url
+    v1 = fw.CATALOG["depth-anything-small-hf"]
+    assert v1.kind == "hf_snapshot" and v1.repo == "LiheYoung/depth-anything-small-hf"
+    for name in ("yolo26n.pt", "yolo26n-seg.pt", "yolo26n-pose.pt"):
+        assert fw.CATALOG[name].kind == "ultralytics" and name in GITHUB_ASSETS_NAMES
     assert fw.CATALOG["sam3.pt"].gated and fw.CATALOG["sam3.pt"].repo == "facebook/sam3"
 
 

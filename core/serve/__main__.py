@@ -1,4 +1,4 @@
-"""`python -m core.serve HANDLER [--host H] [--port P] [--concurrency N] [--db PATH]`
+"""`python -m core.serve HANDLER [--host H] [--port P] [--concurrency N] [--db PATH] [--app NAME]`
 
 HANDLER is a module (`handlers.splat`), a file (`handlers/splat.py`), or either with
 `:function`. The module's `startup()` runs first (the infer worker preloads its models there,
@@ -14,6 +14,7 @@ import sys
 
 import uvicorn
 
+from core.apps import get_app
 from core.serve.app import create_app
 from core.serve.loader import HandlerNotFound, load_handler, run_startup
 from core.serve.runner import Runner
@@ -33,6 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="port (SERVE_PORT, default 8000)")
     parser.add_argument("--concurrency", type=int, help="jobs at once (SERVE_CONCURRENCY)")
     parser.add_argument("--db", dest="db_path", help="SQLite job store (SERVE_DB_PATH)")
+    parser.add_argument(
+        "--app",
+        help="also serve this app's old backend routes (SERVE_APP): "
+        "studio (handlers.infer: POST /infer, GET /health)",
+    )
     return parser.parse_args(argv)
 
 
@@ -49,12 +55,23 @@ def main(argv: list[str] | None = None) -> None:
     except HandlerNotFound as exc:
         log.error("cannot serve %s: %s", args.handler, exc)
         sys.exit(2)
+    contract = None
+    if settings.app:
+        try:
+            contract = get_app(settings.app)
+        except KeyError as exc:
+            log.error("cannot serve --app %s: %s", settings.app, exc.args[0])
+            sys.exit(2)
+        if contract.routes is None:
+            log.error("the %s app has no routes of its own to serve", contract.title)
+            sys.exit(2)
     run_startup(module)  # may exit non-zero (a required model did not load), as the worker
     store = JobStore(settings.db_path)
-    app = create_app(Runner(handler, store, settings), settings)
+    app = create_app(Runner(handler, store, settings), settings, contract)
     log.info(
-        "serving %s on http://%s:%d (concurrency %d, jobs in %s%s)",
+        "serving %s%s on http://%s:%d (concurrency %d, jobs in %s%s)",
         args.handler,
+        f" with the {contract.title} routes" if contract else "",
         settings.host,
         settings.port,
         settings.concurrency,

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.apps.base import App, FinishedJob
 from core.errors import MAX_JSON_DEPTH, describe_validation_error
 from core.serve.runner import JobConflict, Runner
 from core.serve.settings import ServeSettings
@@ -65,7 +66,40 @@ class JobRequest(BaseModel):
     s3Config: dict[str, Any] | None = None
 
 
-def create_app(runner: Runner, settings: ServeSettings) -> FastAPI:
+class Gateway:
+    """The local server's jobs as an app's routes use them (`core.apps.base.JobGateway`)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    async def run_and_wait(self, job_input: dict[str, Any], timeout_s: float) -> FinishedJob:
+        record = self.runner.submit(job_input, sync=True)
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + timeout_s
+        watch = _Watch(self.runner, record.id)
+        try:
+            current = self.runner.store.get(record.id)
+            while current is not None and not current.final and clock() < deadline:
+                await watch.wait(deadline - clock())
+                current = self.runner.store.get(record.id)
+        finally:
+            watch.close()
+        current = current or record
+        output = json.loads(current.output_json) if current.output_json else None
+        return FinishedJob(current.id, current.status, output, current.error)
+
+    def device_facts(self) -> dict[str, Any]:
+        import torch
+
+        facts: dict[str, Any] = {"cuda": torch.cuda.is_available()}
+        if facts["cuda"]:
+            index = torch.cuda.current_device()
+            facts["name"] = torch.cuda.get_device_name(index)
+            facts["memory_total"] = torch.cuda.get_device_properties(index).total_memory
+        return facts
+
+
+def create_app(runner: Runner, settings: ServeSettings, app_contract: App | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         runner.start()
@@ -109,6 +143,10 @@ def create_app(runner: Runner, settings: ServeSettings) -> FastAPI:
 
     router = APIRouter(dependencies=[Depends(_api_key_check(settings))])
     _add_routes(router, runner, settings)
+    if app_contract is not None and app_contract.routes is not None:
+        # The app's old backend's routes, first: they answer as that backend did, with its own
+        # authentication (or none), beside RunPod's.
+        app.include_router(app_contract.routes(Gateway(runner)))
     app.include_router(router)
     # RunPod's URL shape, `{base}/{endpoint_id}/run`: any endpoint id reaches this server.
     app.include_router(router, prefix="/{endpoint_id}", include_in_schema=False)

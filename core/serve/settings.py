@@ -24,6 +24,8 @@ class ServeSettings(BaseSettings):
     concurrency: int = Field(default=1, ge=1, le=256)
     """Jobs run at once, each in a thread of this process (beside the preloaded models)."""
     db_path: Path = REPO_ROOT / "outputs" / "serve-jobs.sqlite3"
+    app: str | None = None
+    """An app whose old backend's routes are served too (`--app`): `studio`."""
     api_key: SecretStr | None = None
     """When set, every route needs `Authorization: Bearer <key>` (or the bare key, as RunPod)."""
 

@@ -11,21 +11,56 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
+from core.errors import InvalidInput
 from core.media import longest_side_size
 from core.models import LoadedModel, download_whole, get_registry, worker_device
 
 log = logging.getLogger("worker.flow")
 
 RAFT_WEIGHTS = "raft_small.pth"
-# torchvision's C_T_V2 weights for raft_small; the file name ends in its sha256 prefix.
-RAFT_URL = "https://download.pytorch.org/models/raft_small_C_T_V2-01064c6d.pth"
-RAFT_SHA256_PREFIX = "01064c6d"
+
+
+@dataclass(frozen=True)
+class RaftVariant:
+    architecture: str
+    """torchvision's builder: `raft_small` or `raft_large`."""
+    url: str
+    """torchvision's default weights for it; the file name ends in its sha256 prefix."""
+
+    @property
+    def sha256_prefix(self) -> str:
+        return self.url.rsplit("-", 1)[1].removesuffix(".pth")
+
+
+# The weights files WEIGHTS_DIR holds (plain state dicts), and torchvision's DEFAULT of each.
+RAFT_VARIANTS = {
+    "raft_small.pth": RaftVariant(
+        "raft_small", "https://download.pytorch.org/models/raft_small_C_T_V2-01064c6d.pth"
+    ),
+    "raft_large.pth": RaftVariant(
+        "raft_large", "https://download.pytorch.org/models/raft_large_C_T_SKHT_V2-ff5fadd5.pth"
+    ),
+}
+RAFT_ALIASES = {
+    "raft-small": "raft_small.pth",
+    "raft_small": "raft_small.pth",
+    "raft-large": "raft_large.pth",  # the Perception Concept Studio's name
+    "raft_large": "raft_large.pth",
+}
+
+
+def raft_file(name: str) -> str:
+    """A flow model's weights file: `raft-large` (or `raft_large`) -> `raft_large.pth`."""
+    return RAFT_ALIASES.get(name.strip().lower(), name.strip())
+
+
 RAFT_STRIDE = 8
 """RAFT's feature maps are 1/8 of the input: inputs are padded to multiples of 8."""
 
@@ -129,40 +164,60 @@ class RaftFlow:
         return flow.permute(1, 2, 0).float().cpu().numpy()
 
 
-def _load_raft(path: Path) -> Any:
-    import torch
-    from torchvision.models.optical_flow import raft_small
+def _raft_loader(variant: RaftVariant) -> Any:
+    def load(path: Path) -> Any:
+        import torch
+        from torchvision.models import optical_flow
 
-    model = raft_small(weights=None, progress=False)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    model.load_state_dict(state)
-    # fp32 even on CUDA: RAFT's iterative refinement is known to drift in half precision.
-    return model.to(worker_device()).eval()
+        model = getattr(optical_flow, variant.architecture)(weights=None, progress=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        model.load_state_dict(state)
+        # fp32 even on CUDA: RAFT's iterative refinement is known to drift in half precision.
+        return model.to(worker_device()).eval()
+
+    return load
 
 
-def _download_raft(target: Path) -> None:
-    """torchvision's raft_small weights (a plain state dict, the format WEIGHTS_DIR holds),
-    fetched with the worker's timeout and bounded retries and checked against their hash."""
-    from core.config import get_settings
-    from core.errors import FetchFailed
-    from core.payload import fetch_url
+def _raft_downloader(variant: RaftVariant) -> Any:
+    def download(target: Path) -> None:
+        """torchvision's weights (a plain state dict, the format WEIGHTS_DIR holds), fetched
+        with the worker's timeout and bounded retries and checked against their hash."""
+        from core.config import get_settings
+        from core.errors import FetchFailed
+        from core.payload import fetch_url
 
-    def fetch(partial: Path) -> None:
-        data = fetch_url(RAFT_URL, get_settings(), field="raft_small weights")  # retries inside
-        digest = hashlib.sha256(data).hexdigest()
-        if not digest.startswith(RAFT_SHA256_PREFIX):
-            raise ValueError(
-                f"{RAFT_URL} has sha256 {digest[:8]}..., expected {RAFT_SHA256_PREFIX}"
-            )
-        partial.write_bytes(data)
+        def fetch(partial: Path) -> None:
+            data = fetch_url(variant.url, get_settings(), field=f"{variant.architecture} weights")
+            digest = hashlib.sha256(data).hexdigest()
+            if not digest.startswith(variant.sha256_prefix):
+                raise ValueError(
+                    f"{variant.url} has sha256 {digest[:8]}..., expected {variant.sha256_prefix}"
+                )
+            partial.write_bytes(data)
 
-    download_whole(target, fetch, what=RAFT_URL, permanent=(FetchFailed, ValueError))
+        download_whole(target, fetch, what=variant.url, permanent=(FetchFailed, ValueError))
+
+    return download
 
 
 def load_raft(name: str = RAFT_WEIGHTS, *, pin: bool = False) -> LoadedModel:
-    return get_registry().get("torchvision-raft", name, _load_raft, _download_raft, pin=pin)
+    """RAFT small or large by file name (or `raft-small` / `raft-large`)."""
+    file_name = raft_file(name)
+    variant = RAFT_VARIANTS.get(PurePosixPath(file_name).name)
+    if variant is None:
+        raise InvalidInput(
+            f"flow model {name!r}: RAFT weights are raft_small.pth or raft_large.pth "
+            "(torchvision state dicts), or raft-small / raft-large"
+        )
+    return get_registry().get(
+        f"torchvision-{variant.architecture}",
+        file_name,
+        _raft_loader(variant),
+        _raft_downloader(variant) if file_name in RAFT_VARIANTS else None,
+        pin=pin,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,13 +44,26 @@ log = logging.getLogger("worker.depth")
 
 MODEL_KIND = "transformers-depth"
 DEFAULT_MODEL = "depth-anything-v2-small"
-# Only Small is Apache-2.0; Base and Large are CC-BY-NC-4.0, so they are not fetched for you
-# (put their save_pretrained folders in WEIGHTS_DIR to use them).
-HUB_REPOS = {DEFAULT_MODEL: "depth-anything/Depth-Anything-V2-Small-hf"}
+# The folder in WEIGHTS_DIR -> the hub repository it is fetched from (and found in RunPod's
+# model cache under). V2: only Small is Apache-2.0; Base and Large are CC-BY-NC-4.0, so they are
+# not fetched for you (put their save_pretrained folders in WEIGHTS_DIR to use them). V1 (the
+# Perception Concept Studio's `LiheYoung/depth-anything-small-hf`) is Apache-2.0 in every size.
+HUB_REPOS = {
+    DEFAULT_MODEL: "depth-anything/Depth-Anything-V2-Small-hf",
+    "depth-anything-small-hf": "LiheYoung/depth-anything-small-hf",
+    "depth-anything-base-hf": "LiheYoung/depth-anything-base-hf",
+    "depth-anything-large-hf": "LiheYoung/depth-anything-large-hf",
+}
+# Other spellings (hub ids, case-insensitive) -> the folder name.
 ALIASES = {
     "depth-anything/depth-anything-v2-small-hf": DEFAULT_MODEL,
     "depth-anything-v2-small-hf": DEFAULT_MODEL,
     "depth_anything_v2_small": DEFAULT_MODEL,
+    "depth-anything/depth-anything-v2-base-hf": "depth-anything-v2-base",
+    "depth-anything-v2-base-hf": "depth-anything-v2-base",
+    "depth-anything/depth-anything-v2-large-hf": "depth-anything-v2-large",
+    "depth-anything-v2-large-hf": "depth-anything-v2-large",
+    **{repo.lower(): folder for folder, repo in HUB_REPOS.items() if repo.startswith("LiheYoung/")},
 }
 DOWNLOAD_FILES = ["config.json", "model.safetensors", "preprocessor_config.json"]
 NOT_FOLDERS = (".pt", ".pth", ".onnx", ".bin", ".safetensors", ".engine", ".torchscript")
@@ -118,7 +131,8 @@ class DepthModel:
 
 
 def canonical_name(name: str) -> str:
-    """A folder name in WEIGHTS_DIR; the hub id of Depth Anything V2 Small maps to its folder."""
+    """A folder name in WEIGHTS_DIR; hub ids of Depth Anything V1 and V2 map to their folders
+    (`LiheYoung/depth-anything-small-hf` -> `depth-anything-small-hf`)."""
     name = name.strip().rstrip("/")
     alias = ALIASES.get(name.lower())
     if alias:

@@ -1,5 +1,6 @@
 """velocity-estimation: speed of tracked objects in m/s, from YOLO tracking plus dense
-optical flow between consecutive sampled frames (RAFT `raft_small`, or OpenCV DIS).
+optical flow between consecutive sampled frames (torchvision's RAFT small or large, or OpenCV
+DIS). Two models: `model` is the detector (a YOLO checkpoint), `options.flow_model` the flow.
 
 Method, per consecutive pair of sampled frames (t, t+1) and per track present in frame t:
 
@@ -49,6 +50,7 @@ from core.tasks._flow import (
     core_region,
     load_raft,
     median_flow,
+    raft_file,
     resize_to,
     working_size,
 )
@@ -77,7 +79,15 @@ class VelocityOptions(YoloOptions):
         default=0.05, gt=0, le=1000, description="metres per source pixel, one scale per frame"
     )
     flow: Literal["raft", "dis"] = Field(
-        default="raft", description="raft: torchvision raft_small; dis: OpenCV DIS, no weights"
+        default="raft",
+        description="raft: torchvision RAFT (flow_model); dis: OpenCV DIS, no weights",
+    )
+    flow_model: str = Field(
+        default=RAFT_WEIGHTS,
+        min_length=1,
+        max_length=64,
+        description="RAFT's weights: raft_small.pth or raft_large.pth (or raft-small, raft-large); "
+        "`model` names the detector",
     )
     subtract_background: bool = Field(
         default=False, description="subtract the median flow outside all boxes (camera pan)"
@@ -151,7 +161,7 @@ def run(request: TaskRequest, ctx: JobContext) -> dict[str, Any]:
         "tracker": f"{options.tracker}.yaml",
         "flow": {
             "backend": backend.name,
-            "model": RAFT_WEIGHTS if backend.name == "raft" else None,
+            "model": raft_file(options.flow_model) if backend.name == "raft" else None,
             "working_size": list(estimator.size or ()),
             "pairs": len(frames) - 1,
         },
@@ -173,7 +183,7 @@ def flow_backend(options: VelocityOptions, ctx: JobContext) -> FlowBackend:
     if options.flow == "dis":
         return DisFlow()
     try:
-        loaded = load_raft()
+        loaded = load_raft(options.flow_model)
     except ModelUnavailable as exc:
         raise ModelUnavailable(
             f'{exc.message}; or send options.flow: "dis" (OpenCV DIS, which needs no weights)',
