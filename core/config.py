@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     allow_private_urls: bool = False
     fetch_timeout_s: float = Field(default=30.0, gt=0)
     fetch_retries: int = Field(default=3, ge=0, le=10)
+    max_request_pixels: int = Field(default=1_000_000_000, ge=1)
+    """Cap on the pixels of all of one request's images (or `frames`) together, read from
+    their headers before any is decoded; a batch of images is held decoded at once (3 bytes a
+    pixel), a clip's frames are decoded one at a time."""
+    max_video_pixels: int = Field(default=36_000_000, ge=1)
+    """Cap on a video's frame size (width x height); 8K (8192x4320) fits."""
 
     # Outputs.
     output_dir: Path | None = None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from core.config import Settings
-from core.media import DecodedImage
+from core.media import DecodedImage, ImageFrames
 from core.payload import Payload
 from core.progress import ProgressReporter
 from core.schemas import TaskOptions
@@ -71,8 +71,9 @@ class TaskRequest:
     annotate: bool = False
     images: list[DecodedImage] = field(default_factory=list)
     video: Payload | None = None
-    frames: list[DecodedImage] | None = None
-    """A clip sent as images (`frames`), in order; `frames_fps` is its rate."""
+    frames: ImageFrames | None = None
+    """A clip sent as images (`frames`), in order, each decoded when read (`frames[i]`, or
+    `core/video.iter_clip_frames`); `frames_fps` is its rate."""
     frames_fps: float | None = None
 
     def options_as(self, kind: type[OptionsT]) -> OptionsT:

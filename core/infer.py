@@ -13,7 +13,14 @@ from typing import Any
 
 from core.contract import JobContext, RequestAdapter, TaskRequest
 from core.errors import InvalidInput, MediaDecodeFailed
-from core.media import VIDEO_TYPES, DecodedImage, decode_image
+from core.media import (
+    VIDEO_TYPES,
+    DecodedImage,
+    ImageFrames,
+    ImageHeader,
+    decode_pixels,
+    read_image_headers,
+)
 from core.models import worker_device
 from core.payload import Payload, load_payload
 from core.progress import ProgressSink
@@ -142,21 +149,31 @@ def _attach_media(
     if "image" not in task.media and field_name != "frames":
         raise InvalidInput(f"{task.name} takes `video`")
 
-    def decode(pair: tuple[tuple[str, str], Payload]) -> DecodedImage:
-        return decode_image(pair[1].data, max_pixels=settings.max_image_pixels, field=pair[0][0])
+    # Every header first: the request's whole pixel budget, and one size for a clip, are
+    # checked before anything is decoded.
+    items = [(ref[0], payload.data) for ref, payload in zip(refs, payloads, strict=True)]
+    headers = read_image_headers(
+        items,
+        max_pixels=settings.max_image_pixels,
+        max_request_pixels=settings.max_request_pixels,
+        field=field_name,
+        one_size=field_name == "frames",
+    )
+    if field_name == "frames":  # decoded one at a time as the task reads them
+        task_request.frames = ImageFrames(items, headers[0], settings.max_image_pixels)
+        task_request.frames_fps = request.fps
+        return
+
+    def decode(pair: tuple[tuple[str, bytes], ImageHeader]) -> DecodedImage:
+        (name, data), header = pair
+        return decode_pixels(data, header, field=name)
 
     with ctx.timings.measure("decode"):
-        if len(payloads) == 1:
-            task_request.images = [decode((refs[0], payloads[0]))]
+        if len(items) == 1:
+            task_request.images = [decode((items[0], headers[0]))]
         else:  # OpenCV releases the GIL while decoding
             with ThreadPoolExecutor(max_workers=2) as pool:
-                task_request.images = list(pool.map(decode, zip(refs, payloads, strict=True)))
-    if field_name == "frames":
-        sizes = {(image.width, image.height) for image in task_request.images}
-        if len(sizes) > 1:
-            raise InvalidInput(f"frames must all have one size; got {sorted(sizes)}")
-        task_request.frames, task_request.images = task_request.images, []
-        task_request.frames_fps = request.fps
+                task_request.images = list(pool.map(decode, zip(items, headers, strict=True)))
 
 
 def parse_preload(spec: str) -> list[tuple[str, str | None]]:

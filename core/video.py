@@ -39,6 +39,9 @@ class ClipInfo:
     frame_count: int
     source: str
     """`video` (a decoded file) or `frames` (a list of images)."""
+    rotation: int = 0
+    """Degrees clockwise a video's frames were turned to display them (its display matrix);
+    sizes, frames and coordinates are all upright."""
 
     def describe(self, options: VideoOptions, sampled: int) -> dict[str, Any]:
         return {
@@ -52,6 +55,7 @@ class ClipInfo:
             "start_sec": options.start_sec,
             "end_sec": options.end_sec,
             "source": self.source,
+            "rotation": self.rotation,
         }
 
 
@@ -60,14 +64,22 @@ def is_clip(request: TaskRequest) -> bool:
 
 
 def clip_info(request: TaskRequest) -> ClipInfo:
-    if request.frames is not None:
+    if request.frames is not None:  # the size from the headers: nothing is decoded here
         fps = request.frames_fps or DEFAULT_FRAMES_FPS
-        first = request.frames[0]
-        count = len(request.frames)
-        return ClipInfo(first.width, first.height, fps, count / fps, count, "frames")
+        frames = request.frames
+        count = len(frames)
+        return ClipInfo(frames.width, frames.height, fps, count / fps, count, "frames")
     assert request.video is not None
     info = probe_video(request.video.data)
-    return ClipInfo(info.width, info.height, info.fps, info.duration_s, info.frame_count, "video")
+    return ClipInfo(
+        info.width,
+        info.height,
+        info.fps,
+        info.duration_s,
+        info.frame_count,
+        "video",
+        info.rotation,
+    )
 
 
 def iter_clip_frames(
@@ -132,9 +144,10 @@ def _frames(
         return
     rate = request.frames_fps or DEFAULT_FRAMES_FPS
     window = FrameWindow(options.fps, options.start_sec, options.end_sec, options.max_frames)
-    timed = ((index / rate, (index, image)) for index, image in enumerate(request.frames))
-    for time_s, (index, image) in window.select(timed):
-        pixels = fit_longest_side(image.pixels, max_side)
+    frames = request.frames
+    timed = ((index / rate, index) for index in range(len(frames)))
+    for time_s, index in window.select(timed):  # only the frames kept are decoded
+        pixels = fit_longest_side(frames[index].pixels, max_side)
         yield VideoFrame(index=index, time_s=time_s, pixels=pixels)
 
 

@@ -8,11 +8,14 @@ import io
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.conftest import jpeg_b64, scene_image
+from tests.test_hostile_media import bilevel_png, blocks_rgb, heif_bytes
+from tests.test_hostile_media import png as png_bytes
 from tests.test_media import make_video, png_bomb
 
 
@@ -32,12 +35,36 @@ def detect(image: Any = GOOD_IMAGE, **options: Any) -> dict[str, Any]:
     }
 
 
+def clip(frames: list[bytes]) -> dict[str, Any]:
+    return {"task": "object-detection", "frames": [b64(frame) for frame in frames], "fps": 10}
+
+
+def huge_video(tmp: Path) -> bytes:
+    """One 8192x4608 frame (37.7 Mpx, over MAX_VIDEO_PIXELS): 110 KB of mp4."""
+    path = tmp / "huge.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=1)
+        stream.width, stream.height = 8192, 4608
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        frame = av.VideoFrame(8192, 4608, "yuv420p")
+        for plane in frame.planes:
+            plane.update(bytes(plane.buffer_size))
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    return path.read_bytes()
+
+
 def corpus(tmp: Path) -> list[tuple[str, Any, str, str]]:
     """(case, job input, expected error_code, a word the message must contain)."""
     png = io.BytesIO()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png, "PNG")
     heic = b"\x00\x00\x00\x18ftypheic" + b"\x00" * 100
     video = make_video(tmp / "clip.mp4", frames=3).read_bytes()
+    broken_png = bytearray(png_bytes(scene_image(64, 48)))  # a good header, bad pixel data
+    idat = broken_png.index(b"IDAT")
+    broken_png[idat + 8 : idat + 40] = bytes(32)
+    real_heic = heif_bytes(blocks_rgb(), "HEIF")
     return [
         ("bad base64", detect("!!!not*base64###"), "invalid_input", "base64"),
         ("truncated jpeg", detect(b64(JPEG[: len(JPEG) // 2])), "media_decode_failed", "truncated"),
@@ -57,7 +84,7 @@ def corpus(tmp: Path) -> list[tuple[str, Any, str, str]]:
             "media_decode_failed",
             "not a recognised",
         ),
-        ("heic", detect(b64(heic)), "media_decode_failed", "HEIC"),
+        ("broken heic", detect(b64(heic)), "media_decode_failed", "heic"),
         ("video as image", detect(b64(video)), "invalid_input", "video"),
         ("private url", detect("http://10.0.0.7/cat.jpg"), "invalid_input", "private"),
         (
@@ -152,6 +179,32 @@ def corpus(tmp: Path) -> list[tuple[str, Any, str, str]]:
             "pose model",
         ),
         ("s3Config without bucket", "S3CONFIG", "invalid_input", "bucketName"),
+        # Hostile media (tests/test_hostile_media.py has each in full).
+        (
+            "frames of two sizes, read from their headers",
+            clip([png_bytes(scene_image(64, 48)), broken_png, png_bytes(scene_image(32, 24))]),
+            "invalid_input",
+            "one size",
+        ),
+        (
+            "frames over the request's pixel budget",
+            clip([bilevel_png(6000, 6000)] * 30),
+            "payload_too_large",
+            "MAX_REQUEST_PIXELS",
+        ),
+        (
+            "video frames over the pixel cap",
+            {"task": "object-detection", "video": b64(huge_video(tmp))},
+            "payload_too_large",
+            "MAX_VIDEO_PIXELS",
+        ),
+        ("cut heic", detect(b64(real_heic[: len(real_heic) // 2])), "media_decode_failed", "heic"),
+        (
+            "jpeg cut before its end marker",
+            detect(b64(JPEG[:-2])),
+            "media_decode_failed",
+            "truncated",
+        ),
     ]
 
 

@@ -218,13 +218,73 @@ def infer_raw(loaded: LoadedModel, images_rgb: list[np.ndarray], input_size: int
 
     depth_model: DepthModel = loaded.model
     size = {"size": {"height": input_size, "width": input_size}} if input_size else {}
+    # Height x width x channels, said outright: transformers otherwise guesses the channel axis
+    # from the shape, and takes an image 1 or 3 pixels high for channels first.
     inputs = depth_model.processor(
-        images=images_rgb, return_tensors="pt", device=depth_model.device, **size
+        images=images_rgb,
+        return_tensors="pt",
+        device=depth_model.device,
+        input_data_format="channels_last",
+        **size,
     )
     pixel_values = inputs["pixel_values"].to(depth_model.device, depth_model.dtype)
     with loaded.lock, torch.inference_mode():
         predicted = depth_model.model(pixel_values=pixel_values).predicted_depth
     return predicted.float()
+
+
+def model_input_size(
+    depth_model: DepthModel, width: int, height: int, input_size: int | None
+) -> tuple[int, int] | None:
+    """(width, height) the processor resizes a width x height image to, by its own rule
+    (Depth Anything: the side that scales least reaches the input size, the shape is kept,
+    each side rounded to a multiple of 14); None when it does not resize to a fixed size."""
+    import torch
+    from transformers.models.dpt.image_processing_dpt import get_resize_output_image_size
+
+    processor = depth_model.processor
+    size = getattr(processor, "size", None)
+    if not getattr(processor, "do_resize", False) or size is None:
+        return None
+    target = (input_size, input_size) if input_size else (size.height, size.width)
+    if not all(target):
+        return None
+    resized = get_resize_output_image_size(
+        torch.empty((height, width), device="meta"),  # only its shape is read
+        output_size=target,
+        keep_aspect_ratio=bool(processor.keep_aspect_ratio),
+        multiple=int(processor.ensure_multiple_of or 1),
+    )
+    return int(resized.width or 0), int(resized.height or 0)
+
+
+def check_fits_model(
+    depth_model: DepthModel, width: int, height: int, input_size: int | None, what: str
+) -> None:
+    """`invalid_input` for an image too thin for the model: one the processor would resize to
+    a side of 0 pixels. Named with its size and the shortest other side its long side needs."""
+    resized = model_input_size(depth_model, width, height, input_size)
+    if resized is None or min(resized) >= 1:
+        return
+    long_side, short_side = max(width, height), min(width, height)
+
+    def fits(short: int) -> bool:
+        size = (long_side, short) if width >= height else (short, long_side)
+        turned = model_input_size(depth_model, *size, input_size)
+        return turned is not None and min(turned) >= 1
+
+    low, high = short_side, long_side  # fits(low) is False; a square always fits
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    target = input_size or depth_model.processor.size.height
+    raise InvalidInput(
+        f"{what} is {width}x{height}, too thin for depth-estimation: the model takes an image "
+        f"resized with its shape kept and sides in multiples of "
+        f"{depth_model.processor.ensure_multiple_of}, and at input size {target} this one "
+        f"would be {resized[0]}x{resized[1]}; next to a {long_side} px side the other must be "
+        f"at least {high} px (a larger options.input_size takes thinner images)"
+    )
 
 
 def resize_depth(depth_model: DepthModel, raw: Any, height: int, width: int) -> np.ndarray:
@@ -275,6 +335,8 @@ def run_images(
     colormap = preview_colormap(request, options)
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, image in enumerate(request.images):
+        what = "the image" if len(request.images) == 1 else f"images[{index}]"
+        check_fits_model(depth_model, image.width, image.height, options.input_size, what)
         groups.setdefault(image.pixels.shape, []).append(index)
     results: list[dict[str, Any] | None] = [None] * len(request.images)
     for indices in groups.values():  # one forward pass per image size
@@ -348,6 +410,8 @@ def run_clip(
         # Pass 1: the model on every frame; raw maps (model resolution) wait on disk.
         clip = iter_clip_frames(request, options, max_side=options.max_side, warnings=ctx.warnings)
         for batch in _batches(clip, batch_size, ctx):
+            height, width = batch[0].pixels.shape[:2]
+            check_fits_model(depth_model, width, height, options.input_size, "each frame")
             with ctx.timings.measure("preprocess"):
                 rgb = [cv2.cvtColor(f.pixels, cv2.COLOR_BGR2RGB) for f in batch]
             with ctx.timings.measure("inference"):
