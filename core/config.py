@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     allow_private_urls: bool = False
     fetch_timeout_s: float = Field(default=30.0, gt=0)
     fetch_retries: int = Field(default=3, ge=0, le=10)
+    fetch_deadline_s: float = Field(default=120.0, gt=0)
+    """Total time for one URL or s3:// input: every try, redirect and wait, and the body."""
+    splat_fetch_deadline_s: float = Field(default=900.0, gt=0)
+    """FETCH_DEADLINE_S for a splat job's video, zip or photos (up to SPLAT_MAX_INPUT_BYTES)."""
 
     # Outputs.
     output_dir: Path | None = None
