@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     pixel), a clip's frames are decoded one at a time."""
     max_video_pixels: int = Field(default=36_000_000, ge=1)
     """Cap on a video's frame size (width x height); 8K (8192x4320) fits."""
+    fetch_deadline_s: float = Field(default=120.0, gt=0)
+    """Total time for one URL or s3:// input: every try, redirect and wait, and the body."""
+    splat_fetch_deadline_s: float = Field(default=900.0, gt=0)
+    """FETCH_DEADLINE_S for a splat job's video, zip or photos (up to SPLAT_MAX_INPUT_BYTES)."""
 
     # Outputs.
     output_dir: Path | None = None

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from core.config import Settings
 from core.errors import InvalidInput, UploadFailed
 from core.naming import safe_name, safe_name_error
-from core.netguard import check_public_host
+from core.netguard import check_url
 
 log = logging.getLogger("worker.storage")
 
@@ -70,10 +70,20 @@ class BucketTarget:
             raise InvalidInput("s3Config needs bucketName, accessId, accessSecret, endpointUrl")
         endpoint = s3_config.get("endpointUrl") or None
         if endpoint:
-            parts = urlsplit(str(endpoint))  # the job chose it: the same SSRF guard
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            if not isinstance(endpoint, str):
                 raise InvalidInput("s3Config.endpointUrl must be an http(s) URL")
-            check_public_host(parts.hostname, parts.port, settings, "s3Config.endpointUrl")
+            # The job chose it: the same parser and guard as every URL a job names. boto3
+            # connects on its own, so it gets the URL as that parser normalised it (no form two
+            # parsers read differently survives the check) and every address the host resolves
+            # to now was checked. What remains is DNS rebinding between this check and boto3's
+            # own lookup (a name that answers public now and private later); pinning boto3 to
+            # the checked IP would break SigV4's signed Host and TLS for the hostname.
+            endpoint = check_url(
+                endpoint,
+                allow_private=settings.allow_private_urls,
+                timeout=min(settings.fetch_timeout_s, settings.fetch_deadline_s),
+                field="s3Config.endpointUrl",
+            ).target.url
         return cls(
             bucket=str(s3_config["bucketName"]),
             access_key_id=s3_config.get("accessId"),
@@ -110,13 +120,15 @@ def bucket_in_endpoint(url: str) -> NamedEndpoint | None:
     return NamedEndpoint(f"{parts.scheme}://{service}{port}", match["bucket"], match["region"])
 
 
-def s3_client(target: BucketTarget, settings: Settings) -> Any:
+def s3_client(target: BucketTarget, settings: Settings, *, timeout_s: float | None = None) -> Any:
+    """A boto3 S3 client; `timeout_s` caps each connect and read (an input's deadline)."""
     import boto3
     from botocore.config import Config
 
+    read_timeout = min(settings.s3_timeout_s, timeout_s or settings.s3_timeout_s)
     config = Config(
-        connect_timeout=min(10.0, settings.s3_timeout_s),
-        read_timeout=settings.s3_timeout_s,
+        connect_timeout=min(10.0, read_timeout),
+        read_timeout=read_timeout,
         retries={"max_attempts": settings.s3_retries + 1, "mode": "standard"},
         signature_version="s3v4",
         s3={"addressing_style": "path"} if target.endpoint_url else None,

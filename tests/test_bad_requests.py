@@ -205,6 +205,39 @@ def corpus(tmp: Path) -> list[tuple[str, Any, str, str]]:
             "media_decode_failed",
             "truncated",
         ),
+        # Hostile URLs (tests/test_hostile_network.py has each in full).
+        (
+            "backslash in the url's authority",
+            detect("http://127.0.0.1:9\\@1.1.1.1/cat.jpg"),
+            "invalid_input",
+            "backslash",
+        ),
+        (
+            "userinfo in the url",
+            detect("http://user@10.0.0.7/cat.jpg"),
+            "invalid_input",
+            "userinfo",
+        ),
+        (
+            "ipv4-mapped loopback url",
+            detect("http://[::ffff:127.0.0.1]/cat.jpg"),
+            "invalid_input",
+            "private",
+        ),
+        (
+            "nat64 metadata url",
+            detect("http://[64:ff9b::a9fe:a9fe]/latest"),
+            "invalid_input",
+            "private",
+        ),
+        ("6to4 private url", detect("http://[2002:a00:1::1]/cat.jpg"), "invalid_input", "private"),
+        (
+            "url port out of range",
+            detect("http://example.com:99999/a.jpg"),
+            "invalid_input",
+            "port",
+        ),
+        ("url with a space", detect("http://example.com/a cat.jpg"), "invalid_input", "whitespace"),
     ]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 import requests
@@ -85,39 +84,6 @@ def test_private_addresses_are_refused_by_default(http_server: HttpServer) -> No
         with pytest.raises(InvalidInput, match="private or loopback"):
             load_payload(url, strict)
     assert "/private.jpg" not in http_server.hits  # refused before any request
-
-
-def test_redirect_to_private_address_is_refused(
-    http_server: HttpServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A public URL that redirects to a private one: each hop is checked."""
-    import core.payload
-
-    checked: list[str] = []
-    real_check = core.payload.check_public_host
-
-    def check(host: str, port: int | None, s: Settings, field: str) -> None:
-        checked.append(host)
-        if host == "public.test":
-            return
-        real_check(host, port, s, field)
-
-    class Redirect:
-        is_redirect = True
-        headers: ClassVar[dict[str, str]] = {"location": "http://127.0.0.1:9/secret"}
-        status_code = 302
-
-        def __enter__(self) -> Redirect:
-            return self
-
-        def __exit__(self, *args: object) -> None:
-            pass
-
-    monkeypatch.setattr(core.payload, "check_public_host", check)
-    monkeypatch.setattr(requests, "get", lambda *a, **k: Redirect())
-    with pytest.raises(InvalidInput, match="private or loopback"):
-        load_payload("http://public.test/a.jpg", settings(allow_private_urls=False))
-    assert checked == ["public.test", "127.0.0.1"]
 
 
 def test_s3_fetch(s3_server: S3Server) -> None:

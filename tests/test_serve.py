@@ -372,6 +372,7 @@ def test_webhook_delivered_with_bounded_retries(tmp_path: Path) -> None:
             tmp_path / "jobs.sqlite3",
             webhook_retries=2,
             webhook_retry_delay_s=0.1,
+            allow_private_webhooks=True,  # the receiver is on loopback
         ) as server:
             client = server.client
             ok = client.run({"n": 9}, webhook=f"{receiver.url}/done")
@@ -389,6 +390,7 @@ def test_webhook_delivered_with_bounded_retries(tmp_path: Path) -> None:
             tmp_path / "jobs2.sqlite3",
             webhook_retries=2,
             webhook_retry_delay_s=0.05,
+            allow_private_webhooks=True,
         ) as server:
             job_id = server.client.run({"n": 1}, webhook=f"{dead.url}/x")
 

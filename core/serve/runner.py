@@ -30,9 +30,10 @@ from contextlib import closing, suppress
 from dataclasses import dataclass
 from typing import Any
 
-import requests
-
 from core import control as context
+from core.config import get_settings
+from core.errors import FetchFailed, InvalidInput
+from core.netguard import CERTIFICATE_ERRORS, NETWORK_ERRORS, Deadline, check_url, describe, send
 from core.serve.settings import ServeSettings
 from core.serve.store import (
     CANCELLED,
@@ -460,21 +461,24 @@ class Runner:
             return
         body = status_json(record).encode()
         attempts = 1 + self.settings.webhook_retries
+        allow_private = self.settings.allow_private_webhooks or get_settings().allow_private_urls
         for attempt in range(1, attempts + 1):
             try:
-                response = requests.post(
-                    record.webhook,
-                    data=body,
-                    headers={"Content-Type": "application/json"},
-                    timeout=self.settings.webhook_timeout_s,
+                status = _post_webhook(
+                    record.webhook, body, self.settings.webhook_timeout_s, allow_private
                 )
-                if 200 <= response.status_code < 300:
+                if 200 <= status < 300:
                     self.store.set_webhook_state(job_id, "delivered")
                     log.info("job %s webhook delivered (attempt %d)", job_id, attempt)
                     return
-                problem = f"HTTP {response.status_code}"
-            except requests.RequestException as exc:
-                problem = f"{type(exc).__name__}: {exc}"
+                problem = f"HTTP {status}"
+            except InvalidInput as exc:  # refused by the guard: no retry can change that
+                log.warning("job %s webhook refused: %s", job_id, exc.message)
+                break
+            except FetchFailed as exc:  # no address (DNS)
+                problem = exc.message
+            except (*NETWORK_ERRORS, *CERTIFICATE_ERRORS) as exc:
+                problem = describe(exc)
             log.warning(
                 "job %s webhook attempt %d/%d failed: %s", job_id, attempt, attempts, problem
             )
@@ -482,6 +486,38 @@ class Runner:
             if attempt < attempts and self._stopping.wait(self.settings.webhook_retry_delay_s):
                 return
         self.store.set_webhook_state(job_id, "failed")
+
+
+def _post_webhook(url: str, body: bytes, timeout_s: float, allow_private: bool) -> int:
+    """POST the body once through the private-address guard, connected to the checked
+    address, within `timeout_s` in total; redirects are not followed. The status code."""
+    with Deadline(timeout_s) as deadline:
+        checked = check_url(
+            url,
+            allow_private=allow_private,
+            timeout=timeout_s,
+            field="webhook",
+            opt_in="SERVE_ALLOW_PRIVATE_WEBHOOKS=true (or ALLOW_PRIVATE_URLS=true)",
+        )
+        try:
+            connection, response = send(
+                checked,
+                "POST",
+                timeout=max(0.01, deadline.remaining()),
+                headers={"Content-Type": "application/json"},
+                body=body,
+                deadline=deadline,
+            )
+            with closing(connection), closing(response):
+                response.read(64 * 1024)  # the answer is not used; read, bounded, all the same
+        except NETWORK_ERRORS:
+            if deadline.reason() is None:
+                raise
+        if deadline.reason() is not None:
+            raise TimeoutError(
+                f"no complete answer within {timeout_s:g} s (SERVE_WEBHOOK_TIMEOUT_S)"
+            )
+        return response.status
 
 
 # ----------------------------------------------------------------------------------------

@@ -54,6 +54,9 @@ class ServeSettings(BaseSettings):
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     webhook_retries: int = Field(default=2, ge=0, le=10)
     webhook_retry_delay_s: float = Field(default=10.0, ge=0)
+    allow_private_webhooks: bool = False
+    """Deliver webhooks to private, loopback or link-local addresses (a receiver on this
+    machine or network); ALLOW_PRIVATE_URLS=true allows them too."""
 
     worker_id: str = Field(default_factory=lambda: f"local-{socket.gethostname()}")
     """`workerId` in responses: this value and the worker thread's number."""

@@ -192,7 +192,7 @@ def load_photos(
 
 
 def photos_from_zip(
-    data: bytes,
+    data: bytes | Path,
     max_side: int | None = 1600,
     max_files: int = 500,
     *,
@@ -211,7 +211,7 @@ def photos_from_zip(
     so a header that lies about its size fails instead of inflating further).
     """
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError) as exc:
         raise MediaDecodeFailed(f"{field}: not a readable zip archive ({exc})") from exc
     with archive:

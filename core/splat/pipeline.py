@@ -7,6 +7,7 @@ one temporary folder that is removed whatever happens.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import shutil
@@ -27,7 +28,7 @@ from core.encode import image_to_jpeg
 from core.errors import Cancelled, InvalidInput, SfmFailed, UploadFailed
 from core.media import fit_longest_side
 from core.models import worker_device
-from core.payload import load_payload
+from core.payload import load_payload, load_payload_to_file
 from core.progress import ProgressReporter, ProgressSink
 from core.splat import export
 from core.splat.export import to_cameras_json, to_transforms_json
@@ -83,7 +84,7 @@ def _run(
     frames_dir = work / "frames"
     with timings.measure("download"):
         progress.update("downloading_video" if kind == "video" else "downloading_images", 0)
-        fetched = _fetch(kind, source, settings, bucket)
+        fetched = _fetch(kind, source, settings, bucket, work)
     _stop_if_cancelled()
     with timings.measure("frames"):
         progress.update("extracting_frames", 0)
@@ -181,21 +182,31 @@ def _fps(kind: str, params: Preset) -> dict[str, Any]:
     return {"fps": params.fps} if kind == "video" else {}
 
 
-def _fetch(kind: str, source: Any, settings: Settings, bucket: BucketTarget | None) -> Any:
-    limits = settings.model_copy(update={"max_input_bytes": settings.splat_max_input_bytes})
+def _fetch(
+    kind: str, source: Any, settings: Settings, bucket: BucketTarget | None, work: Path
+) -> Any:
+    """The video or zip as a file in the job's work dir (up to SPLAT_MAX_INPUT_BYTES, never
+    all in memory); photos as bytes. Fetches are bounded by SPLAT_FETCH_DEADLINE_S."""
+    limits = settings.model_copy(
+        update={
+            "max_input_bytes": settings.splat_max_input_bytes,
+            "fetch_deadline_s": settings.splat_fetch_deadline_s,
+        }
+    )
     if kind == "images":
+
+        def one(index: int, ref: Any) -> bytes:
+            return load_payload(ref, limits, field=f"images[{index}]", bucket=bucket).data
+
         with ThreadPoolExecutor(max_workers=4) as pool:
-            return list(
-                pool.map(
-                    lambda item: (
-                        load_payload(
-                            item[1], limits, field=f"images[{item[0]}]", bucket=bucket
-                        ).data
-                    ),
-                    enumerate(source),
-                )
-            )
-    return load_payload(source, limits, field=kind, bucket=bucket).data
+            # Each fetch in a copy of this context: the job's cancel signal reaches it.
+            futures = [
+                pool.submit(contextvars.copy_context().run, one, i, ref)
+                for i, ref in enumerate(source)
+            ]
+            return [future.result() for future in futures]
+    path = work / ("input.zip" if kind == "zip" else "input-video")
+    return load_payload_to_file(source, limits, path, field=kind, bucket=bucket).path
 
 
 def _extract_frames(
