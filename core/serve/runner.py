@@ -75,6 +75,7 @@ class Runner:
         self.store = store
         self.settings = settings
         self._active: dict[str, ActiveJob] = {}
+        self._progress_at: dict[str, float] = {}
         self._active_lock = threading.Lock()
         self._wake = threading.Condition()
         self._generation = 0  # bumped on every submit: no wake-up is lost
@@ -203,6 +204,8 @@ class Runner:
 
     def delete(self, job_id: str) -> JobRecord | None:
         record = self.store.delete(job_id)
+        with self._active_lock:
+            self._progress_at.pop(job_id, None)
         if record is not None:
             self._signal_stop(job_id, "deleted")
             self._notify(job_id)
@@ -374,7 +377,14 @@ class Runner:
         job_id = str(job.get("id"))
         encoded = _to_json(update)
         if encoded is not None and self.store.set_progress(job_id, encoded):
+            with self._active_lock:
+                self._progress_at[job_id] = time.time()
             self._notify(job_id)
+
+    def progress_time(self, job_id: str) -> float | None:
+        """When the job last reported progress (epoch seconds), while it runs."""
+        with self._active_lock:
+            return self._progress_at.get(job_id)
 
     def _finish(
         self, record: JobRecord, status: str, output_json: str | None, error: str | None
@@ -397,6 +407,8 @@ class Runner:
             active.control.request_stop(reason)
 
     def _on_final(self, record: JobRecord) -> None:
+        with self._active_lock:
+            self._progress_at.pop(record.id, None)  # finished_at is the last change now
         self._notify(record.id)
         if record.webhook and self._webhooks is not None:
             # Shutting down: it stays pending, and the next start delivers it.
