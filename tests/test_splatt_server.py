@@ -172,3 +172,25 @@ def test_splatt_backend_contract(splatt_server: Any, http_server: HttpServer) ->
     assert not folder.exists()
     assert requests.get(f"{base}/jobs/{job_id}/status", headers=headers).status_code == 404
     assert requests.get(f"{base}/jobs", headers=headers).json()["total"] == 1
+
+
+def test_splatt_request_as_given() -> None:
+    from core.apps.splatt import to_native
+    from core.errors import InvalidInput
+
+    native = to_native(
+        {
+            "task_id": "abc-123",
+            "filebin_url": "https://filebin.net/xyz/video.mp4",
+            "filename": "construction site.mp4",
+            "iterations": 5000,
+            "fps": 4,
+            "start_sec": 0.0,
+            "end_sec": None,
+        }
+    )
+    assert native["video"] == "https://filebin.net/xyz/video.mp4"  # not .../construction...
+    assert native["output_folder"] == "abc-123" and native["iterations"] == 5000
+    for bad, where in (({"filebin_url": None}, "filebin_url"), ({"filebin_url": 3}, "filebin_url")):
+        with pytest.raises(InvalidInput, match=where):
+            to_native(bad)

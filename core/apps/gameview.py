@@ -93,7 +93,7 @@ def to_native(job_input: dict[str, Any]) -> dict[str, Any]:
                 number = int(number)
             native[SETTINGS_MAP[name]] = number
     callback = job_input.get("callback_url")
-    if callback is not None:
+    if callback not in (None, ""):  # none: no callback
         parts = urlsplit(callback) if isinstance(callback, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidInput("callback_url: must be an http(s) URL")

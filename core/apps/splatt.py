@@ -80,11 +80,15 @@ def to_native(job_input: dict[str, Any]) -> dict[str, Any]:
     native = without(job_input, *SPLATT_FIELDS)
     if "video" in job_input:
         raise InvalidInput("send filebin_url (the Splatt app's video) or video, not both")
-    # Downloaded as given, as Splatt's backend does; `filename` only names the file.
-    native["video"] = job_input.get("filebin_url")
+    # Downloaded as given, as Splatt's backend does; `filename` only names the file (it is
+    # never a path here, so any name goes, and it comes back in the result).
+    url = job_input.get("filebin_url")
+    if not isinstance(url, str) or not url:
+        raise InvalidInput("filebin_url: the video's URL is required")
+    native["video"] = url
     filename = job_input.get("filename")
-    if filename is not None:
-        safe_name(filename, "filename")
+    if filename is not None and (not isinstance(filename, str) or len(filename) > 255):
+        raise InvalidInput("filename: a file name (a string of at most 255 characters)")
     native["formats"] = ["ply_sh0", "ply"]
     native["artifact_names"] = {"ply_sh0": "baked_splat.ply", "ply": "baked_splat_sh.ply"}
     if job_input.get("task_id") is not None:
@@ -285,10 +289,11 @@ def routes(gateway: JobGateway) -> APIRouter:
             ) from None
         if not isinstance(body, dict) or not isinstance(body.get("filebin_url"), str):
             raise refused(422, "filebin_url: a video URL is required")
-        for field in ("task_id", "filename"):
-            problem = safe_name_error(body.get(field))
-            if problem:
-                raise refused(422, f"{field}: {problem}")
+        problem = safe_name_error(body.get("task_id"))
+        if problem:
+            raise refused(422, f"task_id: {problem}")
+        if not isinstance(body.get("filename"), str) or not body["filename"]:
+            raise refused(422, "filename: the video's file name is required")
         job_id = gateway.submit(body)
         return {
             "job_id": job_id,
