@@ -194,3 +194,104 @@ def test_splatt_request_as_given() -> None:
     for bad, where in (({"filebin_url": None}, "filebin_url"), ({"filebin_url": 3}, "filebin_url")):
         with pytest.raises(InvalidInput, match=where):
             to_native(bad)
+
+
+class FakeGateway:
+    """The JobGateway protocol with one completed Splatt job whose files are in S3 (or, for
+    the escape check, a path outside OUTPUT_DIR)."""
+
+    def __init__(self, artifacts: list[dict[str, Any]]) -> None:
+        from core.apps.base import JobView
+
+        now = time.time()
+        self.jobs = {
+            "j1": JobView(
+                id="j1",
+                status="COMPLETED",
+                input={"task_id": "t1", "filebin_url": "https://x/v.mp4", "filename": "v.mp4"},
+                progress=None,
+                output={"artifacts": artifacts},
+                error=None,
+                created_at=now,
+                updated_at=now,
+            )
+        }
+
+    async def run_and_wait(self, job_input: dict[str, Any], timeout_s: float) -> Any:
+        raise NotImplementedError
+
+    def device_facts(self) -> dict[str, Any]:
+        return {"cuda": True, "name": "NVIDIA A100", "memory_total": 42949672960}
+
+    def submit(self, job_input: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def job(self, job_id: str) -> Any:
+        return self.jobs.get(job_id)
+
+    def list_jobs(self, limit: int, offset: int = 0) -> tuple[list[Any], int]:
+        return list(self.jobs.values()), len(self.jobs)
+
+    def delete(self, job_id: str) -> Any:
+        return self.jobs.pop(job_id, None)
+
+    def counts(self) -> dict[str, int]:
+        return {"IN_PROGRESS": 2, "IN_QUEUE": 1}
+
+    def api_key(self) -> str | None:
+        return "server-key"
+
+
+def test_results_stream_from_s3_and_delete_removes_objects(
+    s3_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from core.apps.splatt import routes
+    from core.config import get_settings
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "outputs"))
+    monkeypatch.delenv("SPLATT_API_KEY", raising=False)  # the server's key then
+    get_settings.cache_clear()
+    client = s3_server.client()
+    body = b"ply\nformat binary_little_endian 1.0\n" + bytes(range(256)) * 4096
+    client.put_object(Bucket=s3_server.bucket, Key="t1/baked_splat.ply", Body=body)
+    outside = tmp_path / "secret.json"
+    outside.write_text("{}")
+    artifacts = [
+        {
+            "name": "baked_splat.ply",
+            "storage": "s3",
+            "bucket": s3_server.bucket,
+            "key": "t1/baked_splat.ply",
+        },
+        {"name": "transforms.json", "storage": "local", "path": str(outside)},
+    ]
+    app = FastAPI()
+    app.include_router(routes(FakeGateway(artifacts)))
+    try:
+        with TestClient(app) as http:
+            health = http.get("/health").json()
+            assert health == {
+                "status": "healthy",
+                "active_jobs": 2,
+                "queued_jobs": 1,
+                "gpu_available": True,
+                "gpu_info": {"name": "NVIDIA A100", "memory_total": 42949672960},
+            }
+            key = {"X-API-Key": "server-key"}
+            assert http.get("/jobs/j1/results/baked_splat.ply").status_code == 401
+            got = http.get("/jobs/j1/results/baked_splat.ply", headers=key)
+            assert got.status_code == 200 and got.content == body
+            # A recorded path outside OUTPUT_DIR is never served.
+            assert http.get("/jobs/j1/results/transforms.json", headers=key).status_code == 404
+            assert http.delete("/jobs/j1", headers=key).status_code == 200
+            listed = client.list_objects_v2(Bucket=s3_server.bucket, Prefix="t1/")
+            assert listed.get("KeyCount", 0) == 0
+            assert outside.exists()  # not ours to delete
+            assert http.get("/jobs/j1/status", headers=key).status_code == 404
+    finally:
+        get_settings.cache_clear()
