@@ -11,7 +11,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +77,16 @@ class Settings(BaseSettings):
     presign_expires_s: int = Field(default=7 * 24 * 3600, ge=60, le=7 * 24 * 3600)
     s3_timeout_s: float = Field(default=60.0, gt=0)
     s3_retries: int = Field(default=4, ge=0, le=10)
+    public_base_url: str | None = None
+    """When set, every stored artifact also carries `public_url`: this base + its key (a
+    public bucket or CDN in front of the bucket, or a server in front of OUTPUT_DIR)."""
+
+    # Callbacks an app asks for (Game View's `callback_url`): signed, bounded, guarded.
+    callback_signing_secret: SecretStr | None = None
+    """Standard Webhooks secret (`whsec_<base64>`); callbacks carry webhook-id,
+    webhook-timestamp and webhook-signature. Unset: callbacks go unsigned."""
+    callback_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    callback_retries: int = Field(default=3, ge=0, le=10)
 
     # Local runs: the SDK's log cuts results at 4 KB; this writes the whole result as JSON.
     result_path: Path | None = None

@@ -96,9 +96,13 @@ class RequestAdapter:
     `shape_result` turns a successful result into what the app reads, any JSON (the worker
     shell applies it last; errors keep our `error`/`error_code` shape, which RunPod needs to
     mark a job FAILED), and `run_task`, for the infer worker, replaces the task's own `run`
-    when the app's job is more than one task.
+    when the app's job is more than one task; `after_job` runs once the job has ended, on
+    success and failure alike (`core/apps/__init__.py` calls it).
     """
 
     to_native: Callable[[dict[str, Any]], dict[str, Any]]
     shape_result: Callable[[dict[str, Any], Any], Any] = _result_unchanged
     run_task: Callable[[dict[str, Any], TaskRequest, JobContext], dict[str, Any]] | None = None
+    after_job: Callable[[Any, Any], None] | None = None
+    """(the job's final output, success or error, the job's input): runs after every job
+    of the app whatever its outcome (an app's own callback); it must not raise."""

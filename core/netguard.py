@@ -29,7 +29,7 @@ import unicodedata
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import suppress
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -247,6 +247,44 @@ def send(
             raise
     assert last is not None  # addresses is never empty
     raise last
+
+
+def post_once(
+    url: str,
+    body: bytes,
+    *,
+    timeout_s: float,
+    allow_private: bool,
+    field: str,
+    opt_in: str,
+    setting: str,
+    headers: dict[str, str] | None = None,
+) -> int:
+    """POST a JSON body once through the guard, connected to the checked address, within
+    `timeout_s` in total; redirects are not followed (one could point past the guard). The
+    status code. `InvalidInput` for a refused URL (never worth a retry), `FetchFailed` for no
+    address, NETWORK_ERRORS / TimeoutError for the network: webhooks and app callbacks."""
+    with Deadline(timeout_s) as deadline:
+        checked = check_url(
+            url, allow_private=allow_private, timeout=timeout_s, field=field, opt_in=opt_in
+        )
+        try:
+            connection, response = send(
+                checked,
+                "POST",
+                timeout=max(0.01, deadline.remaining()),
+                headers={"Content-Type": "application/json", **(headers or {})},
+                body=body,
+                deadline=deadline,
+            )
+            with closing(connection), closing(response):
+                response.read(64 * 1024)  # the answer is not used; read, bounded, all the same
+        except NETWORK_ERRORS:
+            if deadline.reason() is None:
+                raise
+        if deadline.reason() is not None:
+            raise TimeoutError(f"no complete answer within {timeout_s:g} s ({setting})")
+        return response.status
 
 
 def _connection(target: Target, address: str, timeout: float) -> HTTPConnection:

@@ -192,6 +192,10 @@ class ArtifactStore:
             record.update(self._put_local(name, data))
         else:
             record.update(self._put_inline(name, data, size))
+        base = self.settings.public_base_url
+        if base and record["storage"] in ("s3", "local"):
+            key = record["key"] if record["storage"] == "s3" else f"{self.job_id}/{name}"
+            record["public_url"] = f"{base.rstrip('/')}/{key}"
         return record
 
     # -- destinations ---------------------------------------------------------------------

@@ -141,11 +141,12 @@ def test_splatt_app_shape(
 ) -> None:
     video, _, _ = scene_video
     (http_server.root / "bin-123").mkdir(exist_ok=True)
-    (http_server.root / "bin-123" / "orbit.mp4").write_bytes(video)
+    (http_server.root / "bin-123" / "video.mp4").write_bytes(video)
     job = {
         "task_id": "t-42",
-        "filebin_url": f"{http_server.base_url}/bin-123",
-        "filename": "orbit.mp4",
+        # As Splatt sends it: the file's own URL, downloaded as given; `filename` names it.
+        "filebin_url": f"{http_server.base_url}/bin-123/video.mp4",
+        "filename": "construction_site.mp4",
         "iterations": 50,
         "fps": FPS,
         "start_sec": 0,
@@ -159,6 +160,8 @@ def test_splatt_app_shape(
     artifacts = {a["name"]: a for a in run.result["artifacts"]}
     assert {"baked_splat.ply", "baked_splat_sh.ply", "transforms.json"} <= set(artifacts)
     assert run.result["task_id"] == "t-42"
+    assert run.result["filename"] == "construction_site.mp4"
+    assert http_server.hits["/bin-123/video.mp4"] >= 1
     baked = read_ply(artifacts["baked_splat.ply"]["path"])
     full = read_ply(artifacts["baked_splat_sh.ply"]["path"])
     assert baked["sh_rest"].shape[1] == 0 and full["sh_rest"].shape[1] == 15

@@ -8,14 +8,17 @@ handlers call `run_infer` / `run_splat` here, which pick the adapter for the job
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from core.apps import orbit, splatt, studio
+from core.apps import gameview, orbit, splatt, studio
 from core.apps.base import App, Worker
 from core.progress import ProgressSink
 
 # Checked in order; each recognises a shape the others do not send.
-APPS: tuple[App, ...] = (studio.APP, orbit.APP, splatt.APP)
+APPS: tuple[App, ...] = (studio.APP, orbit.APP, splatt.APP, gameview.APP)
+
+log = logging.getLogger("worker.apps")
 
 
 def get_app(name: str) -> App:
@@ -37,7 +40,10 @@ def run_infer(job: dict[str, Any], sink: ProgressSink | None = None) -> Any:
     from core.infer import run_infer_job
 
     app = recognise("infer", job.get("input"))
-    return run_infer_job(job, sink, app.adapter if app else None)
+    output = run_infer_job(job, sink, app.adapter if app else None)
+    if app is not None:
+        finished(app, output, job.get("input"))
+    return output
 
 
 def run_splat(job: dict[str, Any], sink: ProgressSink | None = None, **kwargs: Any) -> Any:
@@ -45,4 +51,18 @@ def run_splat(job: dict[str, Any], sink: ProgressSink | None = None, **kwargs: A
     from core.splat.pipeline import run_splat_job
 
     app = recognise("splat", job.get("input"))
-    return run_splat_job(job, sink, adapter=app.adapter if app else None, **kwargs)
+    output = run_splat_job(job, sink, adapter=app.adapter if app else None, **kwargs)
+    if app is not None:
+        finished(app, output, job.get("input"))
+    return output
+
+
+def finished(app: App, output: Any, job_input: Any) -> None:
+    """The app's `after_job` hook (its own callback), on success and failure alike; what
+    it raises is logged, never the job's result."""
+    if app.adapter.after_job is None:
+        return
+    try:
+        app.adapter.after_job(output, job_input)
+    except Exception:
+        log.exception("%s: after_job failed", app.name)

@@ -28,6 +28,24 @@ class FinishedJob:
     error: str | None
 
 
+@dataclass(frozen=True)
+class JobView:
+    """One job of the local server as an app's routes read it, at any point of its life."""
+
+    id: str
+    status: str
+    """RunPod's: IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED, TIMED_OUT."""
+    input: Any
+    progress: dict[str, Any] | None
+    """The latest progress update (`stage`, `progress` 0-100 within it, `message`, ...)."""
+    output: Any
+    """The handler's result once ended (without `error`, which is `error`)."""
+    error: str | None
+    created_at: float
+    updated_at: float
+    """Epoch seconds of the last change: queued, started, progress, ended."""
+
+
 class JobGateway(Protocol):
     """What the local server offers an app's routes: its jobs, without its internals (apps sit
     below the server and never import it)."""
@@ -38,6 +56,32 @@ class JobGateway(Protocol):
 
     def device_facts(self) -> dict[str, Any]:
         """`cuda` (bool) and, when there is one, the GPU's `name` and `memory_total`."""
+        ...
+
+    def submit(self, job_input: dict[str, Any]) -> str:
+        """Queue a job like /run; its id."""
+        ...
+
+    def job(self, job_id: str) -> JobView | None:
+        """The job's state, progress and output; None when unknown, deleted or expired."""
+        ...
+
+    def list_jobs(self, limit: int, offset: int = 0) -> tuple[list[JobView], int]:
+        """Jobs newest first, and how many there are in all."""
+        ...
+
+    def delete(self, job_id: str) -> JobView | None:
+        """Forget the job (a running one is told to stop); what it was, or None if unknown.
+        Files it stored are the app's to remove."""
+        ...
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per RunPod state (IN_QUEUE, IN_PROGRESS, COMPLETED, ...)."""
+        ...
+
+    def api_key(self) -> str | None:
+        """The key the server itself requires (SERVE_API_KEY), for routes that check their
+        own header; None when it requires none."""
         ...
 
 

@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--app",
         help="also serve this app's old backend routes (SERVE_APP): "
-        "studio (handlers.infer: POST /infer, GET /health)",
+        "studio (handlers.infer: POST /infer, GET /health), "
+        "splatt (handlers.splat: /jobs, /jobs/{id}/status, /jobs/{id}/results/..., /health)",
     )
     return parser.parse_args(argv)
 

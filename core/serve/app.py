@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.apps.base import App, FinishedJob
+from core.apps.base import App, FinishedJob, JobView
 from core.errors import MAX_JSON_DEPTH, describe_validation_error
 from core.serve.runner import JobConflict, Runner
 from core.serve.settings import ServeSettings
@@ -88,6 +88,43 @@ class Gateway:
         output = json.loads(current.output_json) if current.output_json else None
         return FinishedJob(current.id, current.status, output, current.error)
 
+    def submit(self, job_input: dict[str, Any]) -> str:
+        return self.runner.submit(job_input).id
+
+    def job(self, job_id: str) -> JobView | None:
+        record = self.runner.store.get(job_id)
+        return None if record is None else self._view(record)
+
+    def list_jobs(self, limit: int, offset: int = 0) -> tuple[list[JobView], int]:
+        records, total = self.runner.store.list_jobs(ALL_STATES, limit, offset)
+        return [self._view(r) for r in records], total
+
+    def delete(self, job_id: str) -> JobView | None:
+        record = self.runner.delete(job_id)
+        return None if record is None else self._view(record)
+
+    def counts(self) -> dict[str, int]:
+        return self.runner.store.counts()
+
+    def api_key(self) -> str | None:
+        key = self.runner.settings.api_key
+        return key.get_secret_value() if key else None
+
+    def _view(self, record: JobRecord) -> JobView:
+        times = [record.created_at, record.started_at, record.finished_at]
+        times.append(self.runner.progress_time(record.id))
+        progress = json.loads(record.progress_json) if record.progress_json else None
+        return JobView(
+            id=record.id,
+            status=record.status,
+            input=json.loads(record.input_json),
+            progress=progress if isinstance(progress, dict) else None,
+            output=json.loads(record.output_json) if record.output_json else None,
+            error=record.error,
+            created_at=record.created_at,
+            updated_at=max(t for t in times if t is not None),
+        )
+
     def device_facts(self) -> dict[str, Any]:
         import torch
 
@@ -137,6 +174,8 @@ def create_app(runner: Runner, settings: ServeSettings, app_contract: App | None
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.detail, dict):  # an app's route, in its backend's own error shape
+            return JSONResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
         return JSONResponse(
             {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
         )

@@ -33,7 +33,7 @@ from typing import Any
 from core import control as context
 from core.config import get_settings
 from core.errors import FetchFailed, InvalidInput
-from core.netguard import CERTIFICATE_ERRORS, NETWORK_ERRORS, Deadline, check_url, describe, send
+from core.netguard import CERTIFICATE_ERRORS, NETWORK_ERRORS, describe, post_once
 from core.serve.settings import ServeSettings
 from core.serve.store import (
     CANCELLED,
@@ -76,6 +76,7 @@ class Runner:
         self.store = store
         self.settings = settings
         self._active: dict[str, ActiveJob] = {}
+        self._progress_at: dict[str, float] = {}
         self._active_lock = threading.Lock()
         self._wake = threading.Condition()
         self._generation = 0  # bumped on every submit: no wake-up is lost
@@ -204,6 +205,8 @@ class Runner:
 
     def delete(self, job_id: str) -> JobRecord | None:
         record = self.store.delete(job_id)
+        with self._active_lock:
+            self._progress_at.pop(job_id, None)
         if record is not None:
             self._signal_stop(job_id, "deleted")
             self._notify(job_id)
@@ -375,7 +378,14 @@ class Runner:
         job_id = str(job.get("id"))
         encoded = _to_json(update)
         if encoded is not None and self.store.set_progress(job_id, encoded):
+            with self._active_lock:
+                self._progress_at[job_id] = time.time()
             self._notify(job_id)
+
+    def progress_time(self, job_id: str) -> float | None:
+        """When the job last reported progress (epoch seconds), while it runs."""
+        with self._active_lock:
+            return self._progress_at.get(job_id)
 
     def _finish(
         self, record: JobRecord, status: str, output_json: str | None, error: str | None
@@ -398,6 +408,8 @@ class Runner:
             active.control.request_stop(reason)
 
     def _on_final(self, record: JobRecord) -> None:
+        with self._active_lock:
+            self._progress_at.pop(record.id, None)  # finished_at is the last change now
         self._notify(record.id)
         if record.webhook and self._webhooks is not None:
             # Shutting down: it stays pending, and the next start delivers it.
@@ -489,35 +501,15 @@ class Runner:
 
 
 def _post_webhook(url: str, body: bytes, timeout_s: float, allow_private: bool) -> int:
-    """POST the body once through the private-address guard, connected to the checked
-    address, within `timeout_s` in total; redirects are not followed. The status code."""
-    with Deadline(timeout_s) as deadline:
-        checked = check_url(
-            url,
-            allow_private=allow_private,
-            timeout=timeout_s,
-            field="webhook",
-            opt_in="SERVE_ALLOW_PRIVATE_WEBHOOKS=true (or ALLOW_PRIVATE_URLS=true)",
-        )
-        try:
-            connection, response = send(
-                checked,
-                "POST",
-                timeout=max(0.01, deadline.remaining()),
-                headers={"Content-Type": "application/json"},
-                body=body,
-                deadline=deadline,
-            )
-            with closing(connection), closing(response):
-                response.read(64 * 1024)  # the answer is not used; read, bounded, all the same
-        except NETWORK_ERRORS:
-            if deadline.reason() is None:
-                raise
-        if deadline.reason() is not None:
-            raise TimeoutError(
-                f"no complete answer within {timeout_s:g} s (SERVE_WEBHOOK_TIMEOUT_S)"
-            )
-        return response.status
+    return post_once(
+        url,
+        body,
+        timeout_s=timeout_s,
+        allow_private=allow_private,
+        field="webhook",
+        opt_in="SERVE_ALLOW_PRIVATE_WEBHOOKS=true (or ALLOW_PRIVATE_URLS=true)",
+        setting="SERVE_WEBHOOK_TIMEOUT_S",
+    )
 
 
 # ----------------------------------------------------------------------------------------

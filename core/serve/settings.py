@@ -25,7 +25,7 @@ class ServeSettings(BaseSettings):
     """Jobs run at once, each in a thread of this process (beside the preloaded models)."""
     db_path: Path = REPO_ROOT / "outputs" / "serve-jobs.sqlite3"
     app: str | None = None
-    """An app whose old backend's routes are served too (`--app`): `studio`."""
+    """An app whose old backend's routes are served too (`--app`): `studio`, `splatt`."""
     api_key: SecretStr | None = None
     """When set, every route needs `Authorization: Bearer <key>` (or the bare key, as RunPod)."""
 

@@ -36,6 +36,7 @@ from core.splat.frames import iter_sharp_frames, load_photos, photos_from_zip, w
 from core.splat.schema import Preset, SplatRequest
 from core.splat.sfm import SfmResult, run_sfm, undistort_to_pinhole
 from core.storage import ArtifactStore, BucketTarget
+from core.system import cuda_facts, python_version, versions
 from core.worker import JobRun, run_job
 
 log = logging.getLogger("worker.splat")
@@ -73,7 +74,10 @@ def _run(
     if not isinstance(app_input, dict):
         raise InvalidInput("the job's input must be a JSON object with `video`, `images` or `zip`")
     request = SplatRequest.model_validate(adapter.to_native(app_input) if adapter else app_input)
+    if request.task == "health":
+        return health(settings)
     warnings = [f"{name} is not a known input field" for name in request.unknown_fields()]
+    warnings += request.app_warnings
     kind, source = request.source()
     params = request.resolved()
     bucket = run.bucket()
@@ -83,12 +87,20 @@ def _run(
 
     frames_dir = work / "frames"
     with timings.measure("download"):
-        progress.update("downloading_video" if kind == "video" else "downloading_images", 0)
+        progress.update(
+            "downloading_images" if kind in ("images", "zip") else "downloading_video", 0
+        )
         fetched = _fetch(kind, source, settings, bucket, work)
     _stop_if_cancelled()
     with timings.measure("frames"):
         progress.update("extracting_frames", 0)
-        names = _extract_frames(kind, fetched, request, params, frames_dir, progress)
+        if kind == "videos":
+            groups = _extract_video_frames(fetched, request, params, frames_dir, progress)
+            names = [name for group in groups for name in group]
+        else:
+            groups = None
+            names = _extract_frames(kind, fetched, request, params, frames_dir, progress)
+        _require_frames(names)
     with timings.measure("sfm"):
         progress.update("running_colmap", 0, f"{len(names)} frames")
         sfm = run_sfm(
@@ -98,12 +110,15 @@ def _run(
             progress=progress,
             max_image_side=request.max_side,
             single_camera=kind == "video",
+            camera_groups=groups,
         )
     _stop_if_cancelled()
     result: dict[str, Any] = {
         "task": request.task,
         "frames": {"selected": len(names), **_fps(kind, params)},
     }
+    if groups is not None:
+        result["frames"]["per_video"] = [len(group) for group in groups]
     result["sfm"] = sfm.stats()
 
     files: list[tuple[str, Path]] = []
@@ -179,14 +194,14 @@ def _check_inline_room(request: SplatRequest, params: Preset, settings: Settings
 
 
 def _fps(kind: str, params: Preset) -> dict[str, Any]:
-    return {"fps": params.fps} if kind == "video" else {}
+    return {"fps": params.fps} if kind in ("video", "videos") else {}
 
 
 def _fetch(
     kind: str, source: Any, settings: Settings, bucket: BucketTarget | None, work: Path
 ) -> Any:
-    """The video or zip as a file in the job's work dir (up to SPLAT_MAX_INPUT_BYTES, never
-    all in memory); photos as bytes. Fetches are bounded by SPLAT_FETCH_DEADLINE_S."""
+    """The video(s) or zip as files in the job's work dir (up to SPLAT_MAX_INPUT_BYTES each,
+    never all in memory); photos as bytes. Fetches are bounded by SPLAT_FETCH_DEADLINE_S."""
     limits = settings.model_copy(
         update={
             "max_input_bytes": settings.splat_max_input_bytes,
@@ -205,6 +220,21 @@ def _fetch(
                 for i, ref in enumerate(source)
             ]
             return [future.result() for future in futures]
+    if kind == "videos":  # one file each, fetched side by side, each in the job's context
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            downloads = [
+                pool.submit(
+                    contextvars.copy_context().run,
+                    load_payload_to_file,
+                    ref,
+                    limits,
+                    work / f"input-video-{i}",
+                    field=f"videos[{i}]",
+                    bucket=bucket,
+                )
+                for i, ref in enumerate(source)
+            ]
+            return [download.result().path for download in downloads]
     path = work / ("input.zip" if kind == "zip" else "input-video")
     return load_payload_to_file(source, limits, path, field=kind, bucket=bucket).path
 
@@ -242,12 +272,71 @@ def _extract_frames(
             else photos_from_zip(fetched, request.max_side)
         )
         names = write_frames(photos, frames_dir)
+    return names
+
+
+def _extract_video_frames(
+    videos: list[Path],
+    request: SplatRequest,
+    params: Preset,
+    frames_dir: Path,
+    progress: ProgressReporter,
+) -> list[list[str]]:
+    """Frames from each clip (`v00_frame_00000.jpg`, ...), `max_frames` shared among them;
+    the names per clip, which SfM gives one camera each."""
+    groups = []
+    share = max(2, request.max_frames // len(videos))
+    for index, video in enumerate(videos):
+        frames = iter_sharp_frames(
+            video,
+            fps=params.fps,
+            start_sec=request.start_sec,
+            end_sec=request.end_sec,
+            max_side=request.max_side,
+            max_frames=share,
+        )
+
+        def counted(frames: Any = frames, index: int = index) -> Any:
+            for i, frame in enumerate(frames):
+                done = (index + min(0.99, i / share)) / len(videos)
+                progress.update(
+                    "extracting_frames", 100 * done, f"video {index + 1}: frame {i + 1}"
+                )
+                yield frame
+
+        groups.append(write_frames(counted(), frames_dir, prefix=f"v{index:02d}_frame_"))
+    return groups
+
+
+def _require_frames(names: list[str]) -> None:
     if len(names) < 2:
         raise SfmFailed(
             f"only {len(names)} frame(s) to work with; send a longer clip, a higher fps "
             "or more photos"
         )
-    return names
+
+
+SPLAT_PACKAGES = ("runpod", "torch", "pycolmap", "gsplat", "numpy", "av", "pydantic", "boto3")
+
+
+def health(settings: Settings) -> dict[str, Any]:
+    """`{"task": "health"}`: versions, the device and its GPU, the storage and limits."""
+    cuda = cuda_facts()
+    return {
+        "status": "ok",
+        "worker": "splat",
+        "python": python_version(),
+        "versions": versions(SPLAT_PACKAGES),
+        "device": worker_device(),
+        "cuda": cuda,
+        "gpu": {"name": cuda.get("name"), "memory_total": cuda.get("memory_total")},
+        "storage": ArtifactStore(settings, "health", BucketTarget.from_settings(settings)).mode,
+        "limits": {
+            "splat_max_input_bytes": settings.splat_max_input_bytes,
+            "cpu_max_gaussians": settings.cpu_max_gaussians,
+            "inline_max_bytes": settings.inline_max_bytes,
+        },
+    }
 
 
 def _train(

@@ -51,8 +51,11 @@ FORMAT_FILES: dict[str, str] = {
 class SplatRequest(StrictModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    task: Literal["splat", "sfm"] = "splat"
+    task: Literal["splat", "sfm", "health"] = "splat"
     video: str | None = None
+    videos: list[str] | None = Field(default=None, min_length=1, max_length=16)
+    """Several clips of one scene, reconstructed together: frames from each (fps and the
+    time window apply to each, `max_frames` is shared), one camera model per clip."""
     images: list[str] | None = Field(default=None, min_length=1, max_length=2000)
     zip: str | None = None
     preset: Literal["fast", "balanced", "high"] = "balanced"
@@ -74,6 +77,8 @@ class SplatRequest(StrictModel):
     output_folder: str | None = Field(default=None, min_length=1, max_length=128)
     """The folder (or key prefix) the artifacts go under; default: the job's id."""
     matching: Literal["auto", "sequential", "exhaustive"] = "auto"
+    app_warnings: list[str] = Field(default_factory=list, max_length=32)
+    """Set by an app's translation (fields of its own it cannot honour); end in `warnings`."""
 
     @model_validator(mode="after")
     def _check(self) -> SplatRequest:
@@ -106,14 +111,17 @@ class SplatRequest(StrictModel):
         return self.artifact_names.get(fmt, FORMAT_FILES[fmt])
 
     def source(self) -> tuple[str, Any]:
-        """(`video` | `images` | `zip`, value); exactly one must be given."""
-        given = [
-            (k, v) for k, v in (("video", self.video), ("images", self.images), ("zip", self.zip))
-        ]
-        given = [(k, v) for k, v in given if v]
+        """(`video` | `videos` | `images` | `zip`, value); exactly one must be given."""
+        sources = (
+            ("video", self.video),
+            ("videos", self.videos),
+            ("images", self.images),
+            ("zip", self.zip),
+        )
+        given = [(k, v) for k, v in sources if v]
         if len(given) != 1:
             raise InvalidInput(
-                "send exactly one of video, images, zip"
+                "send exactly one of video, videos, images, zip"
                 + (f" (got {', '.join(k for k, _ in given)})" if given else "")
             )
         return given[0]

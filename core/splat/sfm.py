@@ -388,10 +388,17 @@ def _gpu_wanted(pycolmap: Any, use_gpu: bool | None) -> bool:
 
 
 def _extract_features(
-    run: _Run, *, camera_model: str, single_camera: bool, max_image_side: int, max_features: int
+    run: _Run,
+    *,
+    camera_model: str,
+    single_camera: bool,
+    max_image_side: int,
+    max_features: int,
+    camera_groups: list[list[str]] | None = None,
 ) -> None:
     """SIFT features into the database, in chunks so a long extraction reports progress;
-    later chunks reuse the first chunk's camera when all images share one."""
+    later chunks reuse the first chunk's camera when all images share one. With
+    `camera_groups` (image names, one list per source video) each group shares one camera."""
     pycolmap, total = run.pycolmap, run.total
     reader = pycolmap.ImageReaderOptions()
     reader.camera_model = camera_model
@@ -400,26 +407,30 @@ def _extract_features(
     extraction.max_image_size = max_image_side
     extraction.use_gpu = run.gpu
     extraction.sift.max_num_features = max_features
-    camera_mode = pycolmap.CameraMode.SINGLE if single_camera else pycolmap.CameraMode.PER_IMAGE
+    shared = single_camera or camera_groups is not None
+    camera_mode = pycolmap.CameraMode.SINGLE if shared else pycolmap.CameraMode.PER_IMAGE
     chunk = max(8, -(-total // 10))
     run.report(_EXTRACT_SPAN, 0.0, f"extracting features from {total} images", sfm_step="features")
-    for start in range(0, total, chunk):
-        pycolmap.extract_features(
-            run.database,
-            run.image_dir,
-            image_names=run.names[start : start + chunk],
-            camera_mode=camera_mode,
-            reader_options=reader,
-            extraction_options=extraction,
-            device=run.device,
-        )
-        if single_camera and start == 0:
-            with pycolmap.Database.open(str(run.database)) as db:
-                reader.existing_camera_id = db.read_all_cameras()[0].camera_id
-        done = min(total, start + chunk)
-        run.report(
-            _EXTRACT_SPAN, done / total, f"features: {done}/{total} images", sfm_step="features"
-        )
+    done = 0
+    for group in camera_groups or [run.names]:
+        reader.existing_camera_id = -1  # the group's first chunk makes its camera
+        for start in range(0, len(group), chunk):
+            pycolmap.extract_features(
+                run.database,
+                run.image_dir,
+                image_names=group[start : start + chunk],
+                camera_mode=camera_mode,
+                reader_options=reader,
+                extraction_options=extraction,
+                device=run.device,
+            )
+            if shared and start == 0:
+                with pycolmap.Database.open(str(run.database)) as db:
+                    reader.existing_camera_id = max(c.camera_id for c in db.read_all_cameras())
+            done += len(group[start : start + chunk])
+            run.report(
+                _EXTRACT_SPAN, done / total, f"features: {done}/{total} images", sfm_step="features"
+            )
 
 
 def _require_features(run: _Run) -> None:
@@ -577,6 +588,7 @@ def run_sfm(
     min_registered_fraction: float = 0.5,
     camera_model: str = "SIMPLE_RADIAL",
     single_camera: bool | None = None,
+    camera_groups: list[list[str]] | None = None,
     sequential_overlap: int = 10,
     num_threads: int | None = None,
     use_gpu: bool | None = None,
@@ -599,6 +611,8 @@ def run_sfm(
     * ``single_camera``: one camera (intrinsics) shared by all images, right for video;
       None picks it when all images have the same size. Pass False for photos taken with
       different cameras or zoom settings.
+    * ``camera_groups``: image names, one list per camera (a source video each); every
+      image in one list shares one camera, whatever ``single_camera`` says.
     * ``camera_model``: COLMAP model name; SIMPLE_RADIAL (f, cx, cy, k) suits most phone
       footage, PINHOLE skips distortion.
     """
@@ -638,6 +652,7 @@ def run_sfm(
                 single_camera=single_camera,
                 max_image_side=max_image_side,
                 max_features=max_features,
+                camera_groups=camera_groups,
             )
         _require_features(run)
         with _timed(timings, "match"):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import platform
-from importlib import metadata
 from typing import Any
 
 from core.contract import JobContext, TaskRequest
 from core.models import get_registry
 from core.schemas import HealthOptions
+from core.system import cuda_facts, python_version, versions
 from core.tasks import Task, load_all, register
 
 PACKAGES = (
@@ -24,29 +23,14 @@ PACKAGES = (
 )
 
 
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def run(request: TaskRequest, ctx: JobContext) -> dict[str, Any]:
-    import torch
-
-    cuda: dict[str, Any] = {"available": torch.cuda.is_available()}
-    if cuda["available"]:
-        index = torch.cuda.current_device()
-        cuda.update(
-            name=torch.cuda.get_device_name(index),
-            version=torch.version.cuda,
-            memory_gb=round(torch.cuda.get_device_properties(index).total_memory / 2**30, 1),
-        )
+    cuda = cuda_facts()
+    cuda.pop("memory_total", None)  # this task's shape: memory_gb
     settings = ctx.settings
     return {
         "status": "ok",
-        "python": platform.python_version(),
-        "versions": {p: v for p in PACKAGES if (v := _version(p))},
+        "python": python_version(),
+        "versions": versions(PACKAGES),
         "cuda": cuda,
         "loaded_models": get_registry().loaded(),
         "tasks": sorted(load_all()),
