@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="training steps, each device")
     parser.add_argument("--views", type=int, default=24)
     parser.add_argument("--train-side", type=int, default=160)
-    parser.add_argument("--cap", type=int, default=20_000, help="max_gaussians")
+    parser.add_argument("--cap", type=int, default=5_000, help="max_gaussians (CPU run too)")
     parser.add_argument("--psnr-tolerance", type=float, default=1.5)
     parser.add_argument("--only", nargs="+", choices=CHECKS, default=list(CHECKS))
     args = parser.parse_args(argv)

@@ -50,3 +50,21 @@ def test_worker_exits_at_start_without_the_gpu_it_was_told_to_use(
 def test_device_problem_names() -> None:
     assert device_problem("cpu") is None
     assert "not a CUDA device name" in (device_problem("cuda:x") or "")
+
+
+def test_gpu_check_says_what_it_skipped_without_a_gpu(tmp_path) -> None:
+    import json
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "YOLO_CONFIG_DIR": str(tmp_path)}
+    run = subprocess.run(
+        ["bash", "scripts/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert lines[0]["check"] == "environment" and lines[0]["cuda_available"] is False
+    checks = {line["check"]: line for line in lines[1:-1]}
+    assert set(checks) == {"sift_gpu", "gsplat_training", "yolo_fp16", "sam2_fp16", "sam3_fp16"}
+    for line in checks.values():
+        assert line["status"] == "skipped" and "no usable CUDA GPU" in line["reason"]
+    assert lines[-1] == {**lines[-1], "check": "summary", "status": "ok", "failed": 0}

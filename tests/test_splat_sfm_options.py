@@ -235,3 +235,34 @@ def test_request_fields() -> None:
             SplatRequest.model_validate({"video": "x", field: bad})
     assert sfm_module._mapper_choice("auto", 199) == "incremental"
     assert sfm_module._mapper_choice("auto", 200) == "global"
+
+
+def test_the_pipeline_passes_the_fields_to_run_sfm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import base64
+
+    from core.errors import SfmFailed
+    from core.splat import pipeline
+    from tests.splat_scene import encode_mp4
+
+    seen: dict[str, Any] = {}
+
+    def fake_run_sfm(image_dir: Path, work_dir: Path, **kwargs: Any) -> SfmResult:
+        seen.update(kwargs)
+        raise SfmFailed("stop here")
+
+    monkeypatch.setattr(pipeline, "run_sfm", fake_run_sfm)
+    monkeypatch.setenv("WORK_DIR", str(tmp_path))
+    from core.config import get_settings
+
+    get_settings.cache_clear()
+    frames = [np.full((64, 64, 3), 40 * i, np.uint8) for i in range(4)]
+    video = base64.b64encode(encode_mp4(frames, tmp_path / "v.mp4", fps=4).read_bytes()).decode()
+    job = {"video": video, "task": "sfm", "fps": 4, "features": "low", "mapper": "global"}
+    result = pipeline.run_splat_job({"id": "t", "input": {**job, "orient": "y_up"}})
+    assert result["error_code"] == "sfm_failed", result
+    assert (seen["max_features"], seen["mapper"], seen["orient"]) == (2048, "global", "y_up")
+    result = pipeline.run_splat_job({"id": "t", "input": {"video": video, "fps": 4}})
+    assert (seen["max_features"], seen["mapper"], seen["orient"]) == (8192, "auto", "z_up")
+    get_settings.cache_clear()
