@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -40,6 +41,46 @@ def resolve_device(setting: str) -> str:
 def worker_device() -> str:
     """The device this worker runs its models on (the DEVICE setting, resolved once)."""
     return resolve_device(get_settings().device)
+
+
+# The exit status of a worker whose DEVICE cannot run (a preload failure is 3).
+EXIT_NO_DEVICE = 4
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``device`` cannot run models here, or None. Only CUDA devices can be missing."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    index_text = device.partition(":")[2] or "0"
+    if not index_text.isdigit():
+        return f"DEVICE={device} is not a CUDA device name (cuda or cuda:N)"
+    if not torch.cuda.is_available():
+        return (
+            f"DEVICE={device} but no usable CUDA GPU is present (torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda or 'none'}, sees none: no GPU, no driver, "
+            "or CUDA_VISIBLE_DEVICES hides it)"
+        )
+    count = torch.cuda.device_count()
+    if int(index_text) >= count:
+        return f"DEVICE={device} but only {count} CUDA GPU(s) are visible"
+    return None
+
+
+def require_usable_device() -> str:
+    """The worker's device; exits with EXIT_NO_DEVICE and one clear log line when DEVICE
+    asks for a GPU that is not there. Both workers call it at start: a worker that asked for
+    CUDA must not quietly serve jobs on the CPU at a fraction of the speed (auto does that)."""
+    device = worker_device()
+    problem = device_problem(device)
+    if problem:
+        log.error(
+            "%s; the worker will not start (set DEVICE=auto or DEVICE=cpu to run on the CPU)",
+            problem,
+        )
+        sys.exit(EXIT_NO_DEVICE)
+    return device
 
 
 @dataclass

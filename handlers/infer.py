@@ -14,7 +14,7 @@ from core.apps import run_infer
 from core.config import get_settings
 from core.errors import WorkerError
 from core.infer import preload
-from core.models import worker_device
+from core.models import require_usable_device
 from core.tasks import load_all
 from core.worker import configure_logging, serverless_config
 
@@ -29,7 +29,8 @@ def startup() -> None:
     """Everything before the first job (the local endpoint server, core.serve, calls it too)."""
     started = time.perf_counter()
     spec = get_settings().preload_models
-    log.info("device: %s", worker_device())  # also imports torch now, not in the first job
+    # Imports torch now, not in the first job; DEVICE=cuda without a GPU exits here, saying so.
+    log.info("device: %s", require_usable_device())
     load_all()
     try:
         models = preload(spec)

@@ -149,12 +149,30 @@ def test_splat_compiles_gsplat_at_build_time_only_with_nvcc() -> None:
     steps = instructions("Dockerfile.splat")
     assert instructions("Dockerfile.splat")[0][1].startswith("BASE_IMAGE=nvidia/cuda:12.8.1-devel")
     arch = next(a for kw, a in steps if kw == "ARG" and a.startswith("TORCH_CUDA_ARCH_LIST="))
-    assert {"8.6", "8.9", "9.0"} <= set(arch.split("=", 1)[1].strip('"').split(";"))
+    # 7.5: the T4, Game View's default GPU.
+    assert {"7.5", "8.6", "8.9", "9.0"} <= set(arch.split("=", 1)[1].strip('"').split(";"))
     compile_step = index_of(steps, "RUN", "--no-binary gsplat")
     text = steps[compile_step][1]
     assert "command -v nvcc" in text and "--no-build-isolation" in text
     assert "find_spec('gsplat.csrc')" in text  # the build fails if the kernels did not compile
     assert compile_step < index_of(steps, "COPY", "core/")
+
+
+def test_splat_swaps_in_cuda_pycolmap_of_the_same_version_only_with_nvcc() -> None:
+    steps = instructions("Dockerfile.splat")
+    swap = index_of(steps, "RUN", "pycolmap-cuda12")
+    text = steps[swap][1]
+    # Only on a CUDA base, as gsplat's compile: the CI's CPU image keeps the CPU wheel.
+    assert text.startswith("if ! command -v nvcc >/dev/null; then")
+    assert "pip uninstall -y pycolmap" in text
+    # The version is the one requirements.txt pins, read back from the installed wheel.
+    assert 'version("pycolmap")' in text
+    assert '"pycolmap-cuda12==${pycolmap_version}"' in text and "--no-deps" in text
+    assert text.index("pip uninstall -y pycolmap") < text.index("pip install")
+    pins = (REPO / "requirements.txt").read_text().split()
+    assert any(p.startswith("pycolmap==") for p in pins)
+    assert index_of(steps, "RUN", "-r /opt/worker/requirements.txt") < swap
+    assert swap < index_of(steps, "COPY", "core/")
 
 
 def test_infer_bakes_weights_before_the_code_and_preloads_baked_models() -> None:

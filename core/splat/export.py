@@ -16,6 +16,11 @@ Formats:
 * ``to_transforms_json`` / ``to_cameras_json``: the camera files splat trainers read
   (nerfstudio ``transforms.json``, INRIA ``cameras.json``) from an SfM result.
 
+The world frame is the SfM result's (``core.splat.sfm.run_sfm``'s ``orient``: by default
++Z up, the camera centroid at the origin). Every PLY writer takes ``comments``; pass
+``frame_comments(result)`` so the file says which axis is up and how it was framed
+(``comment up 0 0 1``, ``comment applied_transform <12 numbers, row-major 3x4>``).
+
 Arrays follow gsplat's parameter layout: ``means [N,3]``, ``scales_log [N,3]``,
 ``quats [N,4]`` (wxyz), ``opacity_logit [N]``, ``sh_dc [N,3]`` (or ``[N,1,3]``) and
 ``sh_rest [N,K-1,3]`` (coefficient-major, gsplat's ``shN``; ``None`` for degree 0).
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +46,7 @@ __all__ = [
     "camera_to_world_from_transforms",
     "decode_splat",
     "encode_splat",
+    "frame_comments",
     "read_ply",
     "to_cameras_json",
     "to_transforms_json",
@@ -54,6 +61,17 @@ SPLAT_DTYPE = np.dtype(
     [("pos", "<f4", 3), ("scale", "<f4", 3), ("rgba", "u1", 4), ("rot", "u1", 4)]
 )
 _PathLike = str | os.PathLike[str]
+
+
+def frame_comments(result: SfmResult) -> list[str]:
+    """PLY header comments naming the scene's frame: the orient setting, the up direction
+    and the applied transform (COLMAP world to this one), for viewers and people alike."""
+    comments = [f"orient {result.orient}"]
+    if result.up is not None:
+        comments.append("up " + " ".join(f"{v:.6g}" for v in result.up))
+    matrix = np.asarray(result.applied_transform, np.float64).reshape(-1)[:12]
+    comments.append("applied_transform " + " ".join(f"{v:.9g}" for v in matrix))
+    return comments
 
 
 def _as_f32(name: str, x: Any, shape: tuple[int, ...]) -> np.ndarray:
@@ -101,12 +119,16 @@ def _gaussians(
     return means, scales, q, op, dc, rest
 
 
-def _write_vertices(path: _PathLike, fields: list[tuple[str, np.ndarray]], dtype: str) -> None:
+def _write_vertices(
+    path: _PathLike, fields: list[tuple[str, np.ndarray]], dtype: str, comments: Sequence[str]
+) -> None:
     n = fields[0][1].shape[0]
     arr = np.empty(n, dtype=[(name, dtype) for name, _ in fields])
     for name, values in fields:
         arr[name] = values
-    PlyData([PlyElement.describe(arr, "vertex")], text=False, byte_order="<").write(str(path))
+    PlyData(
+        [PlyElement.describe(arr, "vertex")], text=False, byte_order="<", comments=list(comments)
+    ).write(str(path))
 
 
 def write_ply(
@@ -117,6 +139,8 @@ def write_ply(
     opacity_logit: Any,
     sh_dc: Any,
     sh_rest: Any = None,
+    *,
+    comments: Sequence[str] = (),
 ) -> None:
     """Write the standard (INRIA) 3DGS PLY. Raw parameters: log scales, opacity logits,
     unnormalised quaternions are stored as given (viewers normalise)."""
@@ -139,10 +163,12 @@ def write_ply(
     fields.append(("opacity", op))
     fields += [(f"scale_{i}", scales[:, i]) for i in range(3)]
     fields += [(f"rot_{i}", q[:, i]) for i in range(4)]
-    _write_vertices(path, fields, "<f4")
+    _write_vertices(path, fields, "<f4", comments)
 
 
-def write_rgb_ply(path: _PathLike, means: Any, rgb_uint8: Any) -> None:
+def write_rgb_ply(
+    path: _PathLike, means: Any, rgb_uint8: Any, *, comments: Sequence[str] = ()
+) -> None:
     """Write a coloured point cloud: float32 ``x y z`` and uchar ``red green blue``."""
     means = np.asarray(means, dtype=np.float32)
     if means.ndim != 2 or means.shape[1] != 3:
@@ -171,7 +197,9 @@ def write_rgb_ply(path: _PathLike, means: Any, rgb_uint8: Any) -> None:
         arr[name] = means[:, i]
     for i, name in enumerate(("red", "green", "blue")):
         arr[name] = rgb[:, i]
-    PlyData([PlyElement.describe(arr, "vertex")], text=False, byte_order="<").write(str(path))
+    PlyData(
+        [PlyElement.describe(arr, "vertex")], text=False, byte_order="<", comments=list(comments)
+    ).write(str(path))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -237,7 +265,7 @@ def read_ply(path: _PathLike) -> dict[str, np.ndarray]:
     """
     ply = PlyData.read(str(path))
     elements = {el.name: el for el in ply.elements}
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray] = {"comments": np.array(ply.comments, dtype=str)}
     if "chunk" in elements:
         for el in ply.elements:
             for p in el.properties:
@@ -336,6 +364,7 @@ def write_compressed_ply(
     *,
     chunk_size: int = 256,
     min_opacity: float = 1.0 / 255.0,
+    comments: Sequence[str] = (),
 ) -> int:
     """Write the PlayCanvas / SuperSplat compressed PLY (about 16 bytes per Gaussian plus
     one byte per higher-order SH coefficient). Gaussians with ``sigmoid(opacity) <=
@@ -383,7 +412,8 @@ def write_compressed_ply(
     names = ["min_x", "min_y", "min_z", "max_x", "max_y", "max_z"]
     names += ["min_scale_x", "min_scale_y", "min_scale_z", "max_scale_x", "max_scale_y"]
     names += ["max_scale_z", "min_r", "min_g", "min_b", "max_r", "max_g", "max_b"]
-    header = ["ply", "format binary_little_endian 1.0", f"element chunk {n_chunks}"]
+    header = ["ply", "format binary_little_endian 1.0", *(f"comment {c}" for c in comments)]
+    header.append(f"element chunk {n_chunks}")
     header += [f"property float {p}" for p in names]
     header.append(f"element vertex {n}")
     header += [
@@ -431,10 +461,12 @@ def to_transforms_json(
 
     ``transform_matrix`` is camera-to-world in the OpenGL camera convention nerfstudio reads:
     ``[R^T | C] @ diag(1, -1, -1, 1)``, i.e. COLMAP's camera-to-world with the camera's y and
-    z axes negated. The world frame is COLMAP's, unchanged, so ``applied_transform`` (which
-    nerfstudio applies to ``ply_file_path`` points) is the identity: COLMAP points can be
-    used as they are. (nerfstudio's own ``colmap_to_json`` additionally swaps world x/y and
-    negates z, recording that swap in ``applied_transform``; either is self-consistent.)
+    z axes negated. The world frame is the result's: ``applied_transform`` is the 3x4
+    (new from COLMAP's world) that ``run_sfm``'s ``orient`` applied (identity for ``none``),
+    as nerfstudio records its own re-framing there; COLMAP's model on disk is already in
+    this frame. ``up`` is the scene's up direction in it ([0, 0, 1] for ``z_up``), and
+    ``orient`` the setting. (nerfstudio's own ``colmap_to_json`` swaps world x/y and negates
+    z instead, recording that in ``applied_transform``; either is self-consistent.)
     Intrinsics go at the top level when one camera is shared, else into each frame.
     """
     cameras = {im.camera_id: im.intrinsics for im in result.images}
@@ -453,7 +485,10 @@ def to_transforms_json(
             frame.update(_camera_entry(image.intrinsics))
         frames.append(frame)
     out["frames"] = frames
-    out["applied_transform"] = np.eye(4)[:3].tolist()
+    out["applied_transform"] = np.asarray(result.applied_transform, np.float64)[:3].tolist()
+    out["orient"] = result.orient
+    if result.up is not None:
+        out["up"] = [float(v) for v in result.up]
     if ply_file_path:
         out["ply_file_path"] = ply_file_path
     return out

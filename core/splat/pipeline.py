@@ -34,7 +34,7 @@ from core.splat import export
 from core.splat.export import to_cameras_json, to_transforms_json
 from core.splat.frames import iter_sharp_frames, load_photos, photos_from_zip, write_frames
 from core.splat.schema import Preset, SplatRequest
-from core.splat.sfm import SfmResult, run_sfm, undistort_to_pinhole
+from core.splat.sfm import FEATURE_LEVELS, SfmResult, run_sfm, undistort_to_pinhole
 from core.storage import ArtifactStore, BucketTarget
 from core.system import cuda_facts, python_version, versions
 from core.worker import JobRun, run_job
@@ -111,6 +111,9 @@ def _run(
             max_image_side=request.max_side,
             single_camera=kind == "video",
             camera_groups=groups,
+            max_features=FEATURE_LEVELS[request.features],
+            mapper=request.mapper,
+            orient=request.orient,
         )
     _stop_if_cancelled()
     result: dict[str, Any] = {
@@ -419,7 +422,9 @@ def _export_cameras(sfm: SfmResult, out: Path) -> list[tuple[str, Path]]:
 
 def _export_sfm(sfm: SfmResult, out: Path) -> list[tuple[str, Path]]:
     points = out / "points.ply"
-    export.write_rgb_ply(points, sfm.points_xyz, sfm.points_rgb)
+    export.write_rgb_ply(
+        points, sfm.points_xyz, sfm.points_rgb, comments=export.frame_comments(sfm)
+    )
     files = [("points.ply", points)]
     if sfm.model_dir is not None:
         archive = out / "colmap_sparse.zip"
@@ -437,12 +442,17 @@ def _export_splat(
 
     g = trained.gaussians.to_numpy()
     base = (g["means"], g["scales_log"], g["quats"], g["opacity_logit"], g["sh_dc"])
+    frame = export.frame_comments(sfm)  # the Gaussians were trained in the SfM result's frame
     writers: dict[str, Callable[[Path], object]] = {
-        "ply": lambda p: export.write_ply(p, *base, g["sh_rest"]),
-        "ply_sh0": lambda p: export.write_ply(p, *base, None),
+        "ply": lambda p: export.write_ply(p, *base, g["sh_rest"], comments=frame),
+        "ply_sh0": lambda p: export.write_ply(p, *base, None, comments=frame),
         "splat": lambda p: export.write_splat(p, *base),
-        "ply_compressed": lambda p: export.write_compressed_ply(p, *base, g["sh_rest"]),
-        "rgb_ply": lambda p: export.write_rgb_ply(p, g["means"], _dc_to_rgb(g["sh_dc"])),
+        "ply_compressed": lambda p: export.write_compressed_ply(
+            p, *base, g["sh_rest"], comments=frame
+        ),
+        "rgb_ply": lambda p: export.write_rgb_ply(
+            p, g["means"], _dc_to_rgb(g["sh_dc"]), comments=frame
+        ),
     }
     chosen = [(request.file_name(fmt), writers[fmt]) for fmt in dict.fromkeys(request.formats)]
     first = sfm.images[0]

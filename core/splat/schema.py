@@ -79,6 +79,14 @@ class SplatRequest(StrictModel):
     matching: Literal["auto", "sequential", "exhaustive"] = "auto"
     app_warnings: list[str] = Field(default_factory=list, max_length=32)
     """Set by an app's translation (fields of its own it cannot honour); end in `warnings`."""
+    features: Literal["low", "medium", "high"] = "medium"
+    """SIFT features kept per frame: 2048 / 8192 / 16384 (sfm.FEATURE_LEVELS)."""
+    mapper: Literal["incremental", "global", "auto"] = "auto"
+    """Global (GLOMAP) falls back to incremental when it registers under 90 % of the frames;
+    auto is global from 200 frames on (sfm.GLOBAL_AUTO_MIN_IMAGES), else incremental."""
+    orient: Literal["none", "z_up", "y_up"] = "z_up"
+    """The scene's frame: estimated up onto +Z (or +Y), camera centroid at the origin;
+    `none` keeps COLMAP's arbitrary world. Recorded as `applied_transform`."""
 
     @model_validator(mode="after")
     def _check(self) -> SplatRequest:

@@ -15,7 +15,9 @@ images alone cannot know metric scale or which way is up.
 
 pycolmap (4.x) API used here: ``extract_features`` (SIFT, CPU or CUDA), ``match_sequential``
 / ``match_exhaustive`` (+ two-view geometric verification), ``incremental_mapping`` (returns
-``{index: Reconstruction}`` and writes each model to ``output_path/index``), and
+``{index: Reconstruction}`` and writes each model to ``output_path/index``),
+``global_mapping`` (GLOMAP: rotation averaging then global positioning, same return shape),
+``Reconstruction.transform(Sim3d)`` (re-framing the kept model, see ``orient``) and
 ``undistort_images`` for the pinhole copy 3DGS trainers need.
 """
 
@@ -38,10 +40,12 @@ from core.naming import natural_key
 from core.progress import ProgressReporter
 
 __all__ = [
+    "FEATURE_LEVELS",
     "CameraIntrinsics",
     "SfmImage",
     "SfmResult",
     "list_images",
+    "orientation",
     "result_from_reconstruction",
     "run_sfm",
     "undistort_to_pinhole",
@@ -50,6 +54,19 @@ __all__ = [
 log = logging.getLogger("worker.sfm")
 
 Matching = Literal["sequential", "exhaustive", "auto"]
+Mapper = Literal["incremental", "global", "auto"]
+FeatureLevel = Literal["low", "medium", "high"]
+Orient = Literal["none", "z_up", "y_up"]
+# SIFT features kept per image for each `features` level of a request.
+FEATURE_LEVELS: dict[str, int] = {"low": 2048, "medium": 8192, "high": 16384}
+# auto: the global mapper from here on. bench/bench_mapper.py on the 2-core CPU: at 32 and
+# 120 frames incremental mapping was the faster (1.5 vs 4.2 s, 77 vs 137 s), global the more
+# accurate; incremental's cost grows faster with frames (each registration re-adjusts the
+# model), so global is for long captures only. Not measured above 120 frames yet.
+GLOBAL_AUTO_MIN_IMAGES = 200
+# The global mapper's model is kept only when it registers at least this share of the
+# frames; otherwise incremental mapping runs on the same matches (the result says so).
+GLOBAL_KEEP_FRACTION = 0.9
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 EXHAUSTIVE_MAX_IMAGES = 40  # auto: exhaustive is O(n^2) pairs, affordable up to about here
 MIN_IMAGES = 3  # fewer views cannot give a model that is checked by a third view
@@ -153,6 +170,12 @@ class SfmResult:
     model_dir: Path | None = None  # the kept model in COLMAP's binary format
     num_models: int = 1  # models COLMAP produced (the largest is kept)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    mapper: dict[str, Any] = field(default_factory=dict)  # which mapper ran, any fallback
+    # The world frame: new_from_colmap [3, 4] applied to COLMAP's world (identity when not
+    # oriented), the orient setting, and the estimated up direction in this result's frame.
+    applied_transform: np.ndarray = field(default_factory=lambda: np.eye(4)[:3])
+    orient: str = "none"
+    up: np.ndarray | None = None
 
     @property
     def registered_names(self) -> list[str]:
@@ -179,6 +202,10 @@ class SfmResult:
             "points": self.num_points,
             "mean_reprojection_error_px": round(self.mean_reprojection_error, 4),
             "models": self.num_models,
+            **({"mapper": self.mapper} if self.mapper else {}),
+            "orient": self.orient,
+            "up": None if self.up is None else [round(float(v), 6) for v in self.up],
+            "applied_transform": np.round(self.applied_transform, 8).tolist(),
         }
 
 
@@ -528,6 +555,121 @@ def _map(run: _Run, sparse: Path) -> dict[int, Any]:
     )
 
 
+def _map_global(run: _Run, sparse: Path) -> dict[int, Any]:
+    """Global mapping (GLOMAP) into ``sparse/<i>/``: no per-image callbacks, so progress
+    only at its start and end."""
+    pycolmap, seed = run.pycolmap, run.seed
+    options = pycolmap.GlobalPipelineOptions()
+    options.num_threads = run.threads
+    options.random_seed = seed
+    options.mapper.num_threads = run.threads
+    options.mapper.random_seed = seed
+    options.min_model_size = MIN_IMAGES
+    run.report(_MAP_SPAN, 0.0, "global mapping (rotation averaging)", sfm_step="mapping")
+    sparse.mkdir()
+    return pycolmap.global_mapping(run.database, run.image_dir, sparse, options)
+
+
+def _mapper_choice(mapper: Mapper, total: int) -> Literal["incremental", "global"]:
+    if mapper not in ("incremental", "global", "auto"):
+        raise ValueError(f"mapper must be incremental, global or auto, got {mapper!r}")
+    if mapper == "auto":
+        return "global" if total >= GLOBAL_AUTO_MIN_IMAGES else "incremental"
+    return mapper
+
+
+def _map_with_fallback(
+    run: _Run, sparse: Path, mapper: Mapper, timings: dict[str, float]
+) -> tuple[dict[int, Any], int, Any | None, dict[str, Any]]:
+    """Map with the chosen mapper; a global model that registers fewer than
+    GLOBAL_KEEP_FRACTION of the frames (or none usable, or an error) is dropped for
+    incremental mapping on the same matches. Returns the models, the best, and the report."""
+    chosen = _mapper_choice(mapper, run.total)
+    report: dict[str, Any] = {"requested": mapper, "used": chosen, "fallback": False}
+    if chosen == "global":
+        reason = None
+        t0 = time.perf_counter()
+        try:
+            models = _map_global(run, sparse)
+        except Exception as exc:  # GLOMAP raises on graphs it cannot average; be incremental
+            models, reason = {}, f"global mapping failed: {exc}"
+        timings["map_global"] = (time.perf_counter() - t0) * 1000
+        best_index, best = _best_model(models)
+        n_reg = best.num_reg_images() if best is not None else 0
+        if reason is None and n_reg < GLOBAL_KEEP_FRACTION * run.total:
+            reason = (
+                f"global mapping registered {n_reg}/{run.total} frames "
+                f"(< {GLOBAL_KEEP_FRACTION:.0%})"
+            )
+        if reason is None:
+            report["global_registered"] = n_reg
+            return models, best_index, best, report
+        log.info("%s; mapping incrementally instead", reason)
+        report.update(used="incremental", fallback=True, reason=reason, global_registered=n_reg)
+        shutil.rmtree(sparse, ignore_errors=True)
+    with _timed(timings, "map_incremental"):
+        models = _map(run, sparse)
+    best_index, best = _best_model(models)
+    return models, best_index, best, report
+
+
+def orientation(result: SfmResult, orient: Orient) -> tuple[np.ndarray, np.ndarray]:
+    """``(new_from_old [3, 4], up)``: the rigid transform that puts the estimated up on +Z
+    (``z_up``) or +Y (``y_up``) and the camera centres' centroid at the origin (identity
+    for ``none``), and the up direction in the old frame.
+
+    Up is the normal of the plane the camera centres lie near (an orbit, a walk around),
+    signed to agree with the cameras' mean up vector (-y of OpenCV camera axes: people hold
+    cameras level); where the centres are not planar (a line, a cloud) or too few, it is the
+    mean up vector itself (biased by as much as the camera looks down or up on average)."""
+    if orient not in ("none", "z_up", "y_up"):
+        raise ValueError(f"orient must be none, z_up or y_up, got {orient!r}")
+    centres = np.array([im.center for im in result.images], np.float64).reshape(-1, 3)
+    cam_up = np.array([-im.rotation[1] for im in result.images], np.float64).reshape(-1, 3)
+    mean_up = cam_up.sum(axis=0)
+    mean_up = mean_up / max(np.linalg.norm(mean_up), 1e-12)
+    up = mean_up
+    if len(centres) >= 4:
+        _u, sig, vt = np.linalg.svd(centres - centres.mean(axis=0), full_matrices=False)
+        # Planar: the thinnest spread well under the second, which is not itself thin (a
+        # line has no plane); and the plane must face roughly along the cameras' up (a walk
+        # along a wall, up and down stairs, is planar too, but vertical).
+        normal = vt[2] * np.sign(vt[2] @ mean_up or 1.0)
+        planar = sig[2] < 0.25 * sig[1] and sig[1] > 0.2 * sig[0]
+        if planar and normal @ mean_up > np.cos(np.radians(45)):
+            up = normal
+    if orient == "none":
+        return np.eye(4)[:3], up
+    target = np.array([0.0, 0.0, 1.0]) if orient == "z_up" else np.array([0.0, 1.0, 0.0])
+    rot = _rotation_between(up, target)
+    centroid = centres.mean(axis=0)
+    return np.concatenate([rot, (-rot @ centroid)[:, None]], axis=1), up
+
+
+def _rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The smallest rotation taking unit vector ``a`` to unit vector ``b`` (Rodrigues)."""
+    v, c = np.cross(a, b), float(a @ b)
+    if c < -1 + 1e-9:  # opposite: half a turn about any axis perpendicular to a
+        axis = np.cross(a, [1.0, 0.0, 0.0])
+        if np.linalg.norm(axis) < 1e-6:
+            axis = np.cross(a, [0.0, 1.0, 0.0])
+        axis /= np.linalg.norm(axis)
+        return 2 * np.outer(axis, axis) - np.eye(3)
+    vx = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+    return np.eye(3) + vx + vx @ vx / (1 + c)
+
+
+def _orient_model(pycolmap: Any, model: Any, result: SfmResult, orient: Orient) -> np.ndarray:
+    """Move ``model`` (in place) into the oriented frame; returns the applied [3, 4] and sets
+    nothing else. Applied to COLMAP's model itself, before it is written, so the model on
+    disk, the undistorted copy, the points the Gaussians start from and hence the trained
+    splat all share one frame: no later step has to transform anything."""
+    matrix, _up = orientation(result, orient)
+    if orient != "none":
+        model.transform(pycolmap.Sim3d(matrix))
+    return matrix
+
+
 def _best_model(models: dict[int, Any]) -> tuple[int, Any | None]:
     """The largest usable model: most registered images, then most points. A model with
     almost no points is degenerate (e.g. a camera that only turns registers frames on
@@ -571,8 +713,8 @@ def _require_registered(
     )
 
 
-def _write_model(model: Any, model_dir: Path) -> None:
-    if not (model_dir / "images.bin").exists():  # write it if COLMAP did not
+def _write_model(model: Any, model_dir: Path, force: bool = False) -> None:
+    if force or not (model_dir / "images.bin").exists():  # write it if COLMAP did not
         model_dir.mkdir(parents=True, exist_ok=True)
         model.write(model_dir)
 
@@ -585,6 +727,8 @@ def run_sfm(
     progress: ProgressReporter | None = None,
     max_image_side: int = 1600,
     max_features: int = 8192,
+    mapper: Mapper = "incremental",
+    orient: Orient = "none",
     min_registered_fraction: float = 0.5,
     camera_model: str = "SIMPLE_RADIAL",
     single_camera: bool | None = None,
@@ -615,6 +759,12 @@ def run_sfm(
       image in one list shares one camera, whatever ``single_camera`` says.
     * ``camera_model``: COLMAP model name; SIMPLE_RADIAL (f, cx, cy, k) suits most phone
       footage, PINHOLE skips distortion.
+    * ``mapper``: "incremental" (COLMAP's), "global" (GLOMAP; falls back to incremental
+      when it registers under 90 % of the frames) or "auto" (global from 200 frames).
+      ``result.mapper`` says which ran and why any fallback happened.
+    * ``orient``: "none" keeps COLMAP's arbitrary world; "z_up" / "y_up" rotate the
+      estimated up (see `orientation`) onto +Z / +Y and move the camera centroid to the
+      origin, recorded in ``result.applied_transform`` (new_from_colmap, 3x4).
     """
     import pycolmap
 
@@ -659,12 +809,17 @@ def run_sfm(
             _match(run, mode, sequential_overlap)
         _require_pairs(run)
         with _timed(timings, "map"):
-            models = _map(run, sparse)
-        best_index, best = _best_model(models)
+            models, best_index, best, mapper_report = _map_with_fallback(
+                run, sparse, mapper, timings
+            )
         _require_registered(run, models, best, min_registered_fraction)
         model_dir = sparse / str(best_index)
-        _write_model(best, model_dir)
+        applied = _orient_model(pycolmap, best, result_from_reconstruction(best, total), orient)
+        _write_model(best, model_dir, force=orient != "none")
         result = result_from_reconstruction(best, total, model_dir, num_models=len(models))
+        result.mapper, result.orient, result.applied_transform = mapper_report, orient, applied
+        # Rounded so an oriented scene's up reads exactly [0, 0, 1], not 1e-16 off.
+        result.up = np.round(orientation(result, "none")[1], 9) + 0.0
     except BaseException:
         _remove(run.database, sparse)  # nothing half-made stays behind
         raise
@@ -730,4 +885,6 @@ def undistort_to_pinhole(
         reconstruction, result.total_images, out_dir / "sparse", result.num_models
     )
     undistorted.timings_ms = dict(result.timings_ms)
+    undistorted.mapper, undistorted.orient = result.mapper, result.orient
+    undistorted.applied_transform, undistorted.up = result.applied_transform, result.up
     return undistorted
