@@ -452,15 +452,20 @@ def test_optional_sam3_is_baked_only_when_it_is_there(local_models: Path, tmp_pa
     source = tmp_path / "src"
     shutil.copytree(local_models, source)
     (source / "sam2.1_hiera_tiny.pt").write_bytes(b"checkpoint")
+    for name in STUDIO_FIVE:  # stand-ins: copying does not look inside
+        if name.endswith((".pt", ".pth")):
+            (source / name).write_bytes(b"checkpoint")
+        else:
+            shutil.copytree(source / "depth-anything-v2-small", source / name)
     without = fw.bake(
         fw.resolve_selection("default", from_dir=source), tmp_path / "a", from_dir=source
     )
-    assert list(without) == DEFAULT_SIX
+    assert list(without) == DEFAULT_SIX + STUDIO_FIVE
     (source / "sam3.pt").write_bytes(b"sam 3 checkpoint")
     with_sam3 = fw.bake(
         fw.resolve_selection("default", from_dir=source), tmp_path / "b", from_dir=source
     )
-    assert list(with_sam3) == [*DEFAULT_SIX, "sam3.pt"]
+    assert list(with_sam3) == [*DEFAULT_SIX, *STUDIO_FIVE, "sam3.pt"]
 
 
 def test_dest_defaults_to_weights_dir(local_models: Path, tmp_path: Path) -> None:
