@@ -251,23 +251,7 @@ def _extract_frames(
     progress: ProgressReporter,
 ) -> list[str]:
     if kind == "video":
-        frames = iter_sharp_frames(
-            fetched,
-            fps=params.fps,
-            start_sec=request.start_sec,
-            end_sec=request.end_sec,
-            max_side=request.max_side,
-            max_frames=request.max_frames,
-        )
-
-        def counted() -> Any:
-            for i, frame in enumerate(frames):
-                progress.update(
-                    "extracting_frames", min(99.0, 100 * i / request.max_frames), f"frame {i + 1}"
-                )
-                yield frame
-
-        names = write_frames(counted(), frames_dir)
+        (names,) = _extract_video_frames([fetched], request, params, frames_dir, progress)
     else:
         photos = (
             load_photos(fetched, request.max_side)
@@ -288,7 +272,7 @@ def _extract_video_frames(
     """Frames from each clip (`v00_frame_00000.jpg`, ...), `max_frames` shared among them;
     the names per clip, which SfM gives one camera each."""
     groups = []
-    share = max(2, request.max_frames // len(videos))
+    share = request.max_frames if len(videos) == 1 else max(2, request.max_frames // len(videos))
     for index, video in enumerate(videos):
         frames = iter_sharp_frames(
             video,
@@ -302,12 +286,13 @@ def _extract_video_frames(
         def counted(frames: Any = frames, index: int = index) -> Any:
             for i, frame in enumerate(frames):
                 done = (index + min(0.99, i / share)) / len(videos)
-                progress.update(
-                    "extracting_frames", 100 * done, f"video {index + 1}: frame {i + 1}"
-                )
+                which = f"video {index + 1}: " if len(videos) > 1 else ""
+                progress.update("extracting_frames", 100 * done, f"{which}frame {i + 1}")
                 yield frame
 
-        groups.append(write_frames(counted(), frames_dir, prefix=f"v{index:02d}_frame_"))
+        # One clip keeps the plain names (`frame_00000.jpg`) its users know.
+        prefix = "frame_" if len(videos) == 1 else f"v{index:02d}_frame_"
+        groups.append(write_frames(counted(), frames_dir, prefix=prefix))
     return groups
 
 
