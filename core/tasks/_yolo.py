@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator
+from contextlib import closing
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from core.annotate import ClipAnnotator, sample_rate
 from core.contract import JobContext, TaskRequest
 from core.encode import encode_mask, image_to_jpeg
 from core.errors import InvalidInput
@@ -320,23 +322,29 @@ def video_results(
     names = class_names(loaded.model)
     frames: list[dict[str, Any]] = []
     limit = options.max_frames
-    for frame, result in track_clip(loaded, request, ctx, **predict_args):
-        kpt_names = None
-        if with_keypoints and result.keypoints is not None:
-            kpt_names = keypoint_names(loaded.model, int(result.keypoints.data.shape[1]))
-        with ctx.timings.measure("encode"):
-            detections = to_detections(result, names, mask_format, kpt_names)
-        entries = [d.model_dump(exclude_none=True) for d in detections]
-        frames.append({**frame_stamp(frame), "detections": entries})
-        ctx.progress.update(
-            "inference", 100 * len(frames) / limit, f"frame {len(frames)} (source {frame.index})"
-        )
+    annotator = ClipAnnotator(ctx, request.annotate, sample_rate(info.fps, options.fps))
+    with annotator, closing(track_clip(loaded, request, ctx, **predict_args)) as tracked:
+        for frame, result in tracked:
+            kpt_names = None
+            if with_keypoints and result.keypoints is not None:
+                kpt_names = keypoint_names(loaded.model, int(result.keypoints.data.shape[1]))
+            with ctx.timings.measure("encode"):
+                detections = to_detections(result, names, mask_format, kpt_names)
+            entries = [d.model_dump(exclude_none=True) for d in detections]
+            frames.append({**frame_stamp(frame), "detections": entries})
+            annotator.add(frame.pixels, frame.time_s, entries)
+            ctx.progress.update(
+                "inference",
+                100 * len(frames) / limit,
+                f"frame {len(frames)} (source {frame.index})",
+            )
     output: dict[str, Any] = {
         "video": info.describe(options, len(frames)),
         "tracker": f"{options.tracker}.yaml" if options.track else None,
         "tracks": summarise_tracks(frames),
     }
     output.update(per_frame_output(ctx, frames))
+    output.update(annotator.output())
     return output
 
 

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 from pydantic import Field, field_validator
 
+from core.annotate import ClipAnnotator, sample_rate
 from core.config import get_settings
 from core.contract import JobContext, TaskRequest
 from core.encode import DEPTH_PNG_LEVELS, depth_to_png16, depth_to_uint16, image_to_jpeg
@@ -100,7 +101,9 @@ class DepthOptions(VideoOptions):
         "default the processor's (518 for Depth Anything V2)",
     )
     preview: bool = Field(default=False, description="also return a colourised JPEG")
-    annotate: bool = Field(default=False, description="same as preview")
+    annotate: bool = Field(
+        default=False, description="same as preview; on video also a colourised depth mp4"
+    )
     colormap: (
         Literal["inferno", "magma", "plasma", "viridis", "turbo", "jet", "bone", "gray"] | None
     ) = Field(default=None, description="preview colours (implies preview); default inferno")
@@ -432,10 +435,12 @@ def run_clip(
         clip_lo = min(f["min"] for f in frames)
         clip_hi = max(f["max"] for f in frames)
 
-        # Pass 2: every frame at its size, quantised over the clip's range.
+        # Pass 2: every frame at its size, quantised over the clip's range; with annotate,
+        # the colourised frames are also an mp4 (annotate implies a colormap).
         archive = work / ARCHIVE_NAME
         used: set[str] = set()
-        with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as zipped:
+        annotator = ClipAnnotator(ctx, request.annotate, sample_rate(info.fps, options.fps))
+        with annotator, zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as zipped:
             for n, (entry, (height, width)) in enumerate(zip(frames, sizes, strict=True)):
                 raw_map = torch.from_numpy(np.load(work / f"{n}.npy")).to(depth_model.device)
                 with ctx.timings.measure("resize"):
@@ -447,10 +452,12 @@ def run_clip(
                 with ctx.timings.measure("encode"):
                     entry["png"] = f"{stem}.png"
                     zipped.writestr(entry["png"], depth_to_png16(full, clip_lo, clip_hi))
-                    if colormap:
+                    coloured = colorize(full, clip_lo, clip_hi, colormap) if colormap else None
+                    if coloured is not None:
                         entry["preview"] = f"{stem}_preview.jpg"
-                        jpeg = image_to_jpeg(colorize(full, clip_lo, clip_hi, colormap))
-                        zipped.writestr(entry["preview"], jpeg)
+                        zipped.writestr(entry["preview"], image_to_jpeg(coloured))
+                if coloured is not None:
+                    annotator.add_frame(coloured, entry["time_s"])
                 ctx.progress.update("encoding", 100 * (n + 1) / len(frames), f"frame {n + 1}")
             manifest = {
                 "encoding": ENCODING,
@@ -473,6 +480,7 @@ def run_clip(
         "archive": artifact,
     }
     output.update(per_frame_output(ctx, frames))
+    output.update(annotator.output())
     return output
 
 

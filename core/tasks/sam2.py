@@ -18,6 +18,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from core.annotate import ClipAnnotator, sample_rate
 from core.contract import JobContext, TaskRequest
 from core.encode import encode_mask
 from core.errors import InvalidInput
@@ -257,16 +258,22 @@ def run_video(request: TaskRequest, ctx: JobContext, prompts: list[Prompt]) -> d
 
     entries = []
     seen: dict[int | str, list[int]] = {prompt.id: [] for prompt in prompts}
-    with ctx.timings.measure("encode"):
+    annotator = ClipAnnotator(ctx, request.annotate, sample_rate(info.fps, options.fps))
+    with annotator:
         for frame, per_object in zip(frames, masks, strict=True):
-            objects = []
-            for prompt in prompts:
-                mask = per_object[prompt.id]
-                entry = {"id": prompt.id, **_mask_entry(mask, options.mask_format)}
-                if entry["area"]:
-                    seen[prompt.id].append(frame.index)
-                objects.append(entry)
-            entries.append({**frame_stamp(frame), "objects": objects})
+            with ctx.timings.measure("encode"):
+                objects = []
+                for prompt in prompts:
+                    mask = per_object[prompt.id]
+                    entry = {"id": prompt.id, **_mask_entry(mask, options.mask_format)}
+                    if entry["area"]:
+                        seen[prompt.id].append(frame.index)
+                    objects.append(entry)
+                entries.append({**frame_stamp(frame), "objects": objects})
+            # Masks are at the source's size; the frames held at most max_side long.
+            object_masks = [per_object[prompt.id] for prompt in prompts]
+            size = (info.width, info.height)
+            annotator.add(frame.pixels, frame.time_s, objects, masks=object_masks, source_size=size)
     summary = [
         {
             "id": prompt.id,
@@ -279,6 +286,7 @@ def run_video(request: TaskRequest, ctx: JobContext, prompts: list[Prompt]) -> d
     ]
     output: dict[str, Any] = {"video": info.describe(options, len(frames)), "objects": summary}
     output.update(per_frame_output(ctx, entries))
+    output.update(annotator.output())
     return output
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, field_validator
 
+from core.annotate import ClipAnnotator, sample_rate
 from core.config import get_settings
 from core.contract import JobContext, TaskRequest
 from core.encode import encode_mask, image_to_jpeg
@@ -103,7 +104,9 @@ class Sam3Options(VideoOptions):
         "SAM 3 is trained at 1008",
     )
     mask_format: MaskFormat = "rle"
-    annotate: bool = Field(default=False, description="image: also return a JPEG preview")
+    annotate: bool = Field(
+        default=False, description="also return a JPEG preview (image) or an annotated mp4 (video)"
+    )
     # Video only.
     new_object_threshold: float = Field(
         default=0.5,
@@ -503,7 +506,9 @@ def run_clip(request: TaskRequest, ctx: JobContext, loaded: LoadedModel) -> dict
     concepts = options.text_prompt
     info = clip_info(request)
     frames: list[dict[str, Any]] = []
-    with loaded.lock:  # tracker state and text embeddings live on the shared models
+    annotator = ClipAnnotator(ctx, request.annotate, sample_rate(info.fps, options.fps))
+    # The annotated video is stored when this block ends, after the lock is released.
+    with annotator, loaded.lock:  # tracker state and text embeddings live on the shared models
         with ctx.timings.measure("load_model"):
             ensure_tracker(loaded.model)
         args = predictor_args(
@@ -527,6 +532,7 @@ def run_clip(request: TaskRequest, ctx: JobContext, loaded: LoadedModel) -> dict
             with ctx.timings.measure("encode"):
                 instances = to_instances(result, concepts, options.mask_format)
             frames.append({**frame_stamp(frame), "detections": instances})
+            annotator.add(frame.pixels, frame.time_s, instances)
             ctx.progress.update(
                 "inference",
                 100 * len(frames) / options.max_frames,
@@ -539,6 +545,7 @@ def run_clip(request: TaskRequest, ctx: JobContext, loaded: LoadedModel) -> dict
         "tracks": summarise_tracks(frames),
     }
     output.update(per_frame_output(ctx, frames))
+    output.update(annotator.output())
     return output
 
 

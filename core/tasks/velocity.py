@@ -36,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
+from core.annotate import ClipAnnotator, sample_rate
 from core.contract import JobContext, TaskRequest
 from core.errors import InvalidInput, ModelUnavailable
 from core.models import LoadedModel, worker_device
@@ -103,8 +104,6 @@ class VelocityOptions(YoloOptions):
 def run(request: TaskRequest, ctx: JobContext) -> dict[str, Any]:
     options = request.options_as(VelocityOptions)
     assert request.model is not None
-    if request.annotate:
-        ctx.warnings.append("annotate is not supported by velocity-estimation; ignored")
     with ctx.timings.measure("load_model"):
         backend = flow_backend(options, ctx)  # first: a missing RAFT fails before any decoding
         detector = load_yolo(request.model, "detect")
@@ -118,9 +117,11 @@ def run(request: TaskRequest, ctx: JobContext) -> dict[str, Any]:
     names = class_names(detector.model)
 
     frames: list[dict[str, Any]] = []
+    # A frame's speeds are measured towards the next one: it is drawn one frame later.
+    annotator = ClipAnnotator(ctx, request.annotate, sample_rate(info.fps, options.fps), lag=1)
     # closing(): if anything below raises, the generator ends now and frees the detector's
     # lock, which it holds for the whole clip, instead of whenever it is garbage collected.
-    with closing(track_clip(detector, clip_request, ctx)) as tracked_frames:
+    with annotator, closing(track_clip(detector, clip_request, ctx)) as tracked_frames:
         for frame, result in tracked_frames:
             with ctx.timings.measure("encode"):
                 tracked = [
@@ -138,6 +139,7 @@ def run(request: TaskRequest, ctx: JobContext) -> dict[str, Any]:
                 ]
             estimator.add(frame.time_s, frame.pixels, tracked)
             frames.append({**frame_stamp(frame), "tracks": tracked})
+            annotator.add(frame.pixels, frame.time_s, tracked)
             ctx.progress.update(
                 "velocity", 100 * len(frames) / frame_limit, f"frame {len(frames)} of {frame_limit}"
             )
@@ -176,6 +178,7 @@ def run(request: TaskRequest, ctx: JobContext) -> dict[str, Any]:
         "tracks": tracks,
     }
     output.update(per_frame_output(ctx, frames))
+    output.update(annotator.output())
     return output
 
 
