@@ -347,7 +347,8 @@ def test_concurrent_jobs_share_the_model_safely(inprocess, depth_weights: Path) 
 
 
 def test_studio_shape_image_and_video(inprocess, depth_weights: Path, tmp_path: Path) -> None:
-    """The Studio's `payloadBase64` + `mimeType`, an image and then a video, unchanged."""
+    """The Studio's `payloadBase64` + `mimeType`, an image and then a video, in our own shape
+    (`response_format: native`; tests/test_studio.py reads the Studio's)."""
     image = scene_image(96, 72, seed=30)
     ok, jpeg = cv2.imencode(".jpg", image)
     assert ok
@@ -357,6 +358,7 @@ def test_studio_shape_image_and_video(inprocess, depth_weights: Path, tmp_path: 
         "payloadBase64": base64.b64encode(jpeg.tobytes()).decode(),
         "mimeType": "image/jpeg",
         "options": {"input_size": 70, "preview": True},
+        "response_format": "native",
     }
     result = inprocess(studio)
     assert "error" not in result, result

@@ -310,6 +310,7 @@ def test_studio_image_through_the_worker(worker, sam3_checkpoint: Path) -> None:
             "payloadBase64": png_b64(pixels),
             "mimeType": "image/png",
             "options": options,
+            "response_format": "native",  # ours; tests/test_studio.py reads the Studio's
         }
     )
     assert run.returncode == 0, run.output

@@ -192,9 +192,13 @@ def read_as_frontend(case: str, response: Any, native: dict[str, Any]) -> None:
         frames = native["frames"]
         assert len(velocity["data"]) == len(frames) == response["metrics"]["frames_processed"]
         for studio_frame, frame in zip(velocity["data"], frames, strict=True):
-            assert [t["speed_mps_est"] for t in studio_frame["tracks"]] == [
-                t["speed_mps"] for t in frame["tracks"]
-            ]
+            # RAFT on the CPU differs in the last digit between processes.
+            studio_speeds = [t["speed_mps_est"] for t in studio_frame["tracks"]]
+            speeds = [t["speed_mps"] for t in frame["tracks"]]
+            assert [s is None for s in studio_speeds] == [s is None for s in speeds]
+            assert [s for s in studio_speeds if s is not None] == pytest.approx(
+                [s for s in speeds if s is not None], rel=1e-3
+            )
         speeds = [t["speed_mps_est"] for f in velocity["data"] for t in f["tracks"]]
         assert any(s is not None and s > 0 for s in speeds)  # the shapes were tracked
         assert all(isinstance(v, int | float) for v in response["metrics"].values())
@@ -292,7 +296,8 @@ def test_old_backend_routes_on_the_local_server(
         broken = studio_request("object-detection", base64.b64encode(b"not an image").decode())
         failed = requests.post(f"{base}/infer", json=broken, timeout=60)
         assert failed.status_code == 500
-        assert "not a recognised image" in failed.json()["detail"] == failed.json()["error"]
+        assert failed.json()["detail"] == failed.json()["error"]
+        assert "the payload is text, not an image" in failed.json()["detail"]
         missing = requests.post(f"{base}/infer", json={"task": "object-detection"}, timeout=30)
         assert missing.status_code == 422
         # RunPod's routes are still there, behind the key.

@@ -60,14 +60,14 @@ def assert_speeds(
 
 @needs_shapes
 def test_known_speed_with_dis_through_sdk(worker, tmp_path: Path) -> None:
-    """The Studio's request shape and options; 3 and -2 px/frame at 12 fps, 0.05 m/px."""
+    """The Studio's options (its shape is in tests/test_studio.py, where `model` names the
+    flow model); the clip as `media`; 3 and -2 px/frame at 12 fps, 0.05 m/px."""
     clip = synthetic_clip()  # a triangle at (3, 2) px/frame, a circle at (-2, 0)
     run = worker(
         {
             "task": "velocity-estimation",
             "model": "shapes-yolo11.pt",
-            "payloadBase64": mp4_b64(clip, tmp_path / "clip.mp4"),
-            "mimeType": "video/mp4",
+            "media": mp4_b64(clip, tmp_path / "clip.mp4"),
             "options": {
                 "threshold": 0.5,
                 "max_frames": 121,

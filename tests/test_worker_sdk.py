@@ -169,6 +169,7 @@ def test_studio_shape_unchanged(worker) -> None:
         "payloadBase64": image,
         "mimeType": "image/jpeg",
         "options": {**LOW, "text_prompt": "unused here"},
+        "response_format": "native",  # ours, for the same pixels; tests/test_studio.py: theirs
     }
     run = worker(studio)
     assert run.returncode == 0, run.output

@@ -212,7 +212,7 @@ def load_raft(name: str = RAFT_WEIGHTS, *, pin: bool = False) -> LoadedModel:
             "(torchvision state dicts), or raft-small / raft-large"
         )
     return get_registry().get(
-        f"torchvision-{variant.architecture}",
+        "torchvision-raft",
         file_name,
         _raft_loader(variant),
         _raft_downloader(variant) if file_name in RAFT_VARIANTS else None,
