@@ -220,9 +220,6 @@ class FakeGateway:
     async def run_and_wait(self, job_input: dict[str, Any], timeout_s: float) -> Any:
         raise NotImplementedError
 
-    def device_facts(self) -> dict[str, Any]:
-        return {"cuda": True, "name": "NVIDIA A100", "memory_total": 42949672960}
-
     def submit(self, job_input: dict[str, Any]) -> str:
         raise NotImplementedError
 
@@ -256,6 +253,9 @@ def test_results_stream_from_s3_and_delete_removes_objects(
     monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "outputs"))
     monkeypatch.delenv("SPLATT_API_KEY", raising=False)  # the server's key then
     get_settings.cache_clear()
+    # A GPU, as core.system reports one (this machine has none).
+    gpu = {"available": True, "name": "NVIDIA A100", "memory_total": 42949672960}
+    monkeypatch.setattr("core.apps.splatt.cuda_facts", lambda: gpu)
     client = s3_server.client()
     body = b"ply\nformat binary_little_endian 1.0\n" + bytes(range(256)) * 4096
     client.put_object(Bucket=s3_server.bucket, Key="t1/baked_splat.ply", Body=body)

@@ -54,10 +54,6 @@ class JobGateway(Protocol):
         """Queue a job like /runsync and wait for its end (or the timeout)."""
         ...
 
-    def device_facts(self) -> dict[str, Any]:
-        """`cuda` (bool) and, when there is one, the GPU's `name` and `memory_total`."""
-        ...
-
     def submit(self, job_input: dict[str, Any]) -> str:
         """Queue a job like /run; its id."""
         ...

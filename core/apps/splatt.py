@@ -29,6 +29,7 @@ from core.config import get_settings
 from core.contract import RequestAdapter
 from core.errors import InvalidInput
 from core.naming import safe_name, safe_name_error
+from core.system import cuda_facts
 
 SPLATT_FIELDS = ("task_id", "filebin_url", "filename")
 RESULT_FILES = ("transforms.json", "baked_splat.ply", "baked_splat_sh.ply")
@@ -263,16 +264,16 @@ def routes(gateway: JobGateway) -> APIRouter:
 
     @router.get("/health")
     async def health() -> dict[str, Any]:
-        facts = gateway.device_facts()
+        facts = cuda_facts()
         counts = gateway.counts()
         return {
             "status": "healthy",
             "active_jobs": counts.get("IN_PROGRESS", 0),
             "queued_jobs": counts.get("IN_QUEUE", 0),
-            "gpu_available": bool(facts.get("cuda")),
+            "gpu_available": bool(facts["available"]),
             "gpu_info": (
                 {"name": facts.get("name"), "memory_total": facts.get("memory_total")}
-                if facts.get("cuda")
+                if facts["available"]
                 else None
             ),
         }

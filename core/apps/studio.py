@@ -39,6 +39,7 @@ from core.apps.base import App, JobGateway, without
 from core.contract import RequestAdapter
 from core.media import VIDEO_TYPES, sniff_media_type
 from core.storage import read_artifact
+from core.system import cuda_facts
 
 # The model its proxy sends per task (and its old backend's default when none is sent).
 STUDIO_MODELS = {
@@ -269,7 +270,7 @@ def routes(gateway: JobGateway) -> APIRouter:
 
     @router.get("/health")
     async def health() -> dict[str, Any]:
-        return {"ok": True, "cuda": gateway.device_facts()["cuda"], "tasks": list(STUDIO_MODELS)}
+        return {"ok": True, "cuda": cuda_facts()["available"], "tasks": list(STUDIO_MODELS)}
 
     @router.post("/infer")
     async def infer(request: Request) -> Any:

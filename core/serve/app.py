@@ -125,16 +125,6 @@ class Gateway:
             updated_at=max(t for t in times if t is not None),
         )
 
-    def device_facts(self) -> dict[str, Any]:
-        import torch
-
-        facts: dict[str, Any] = {"cuda": torch.cuda.is_available()}
-        if facts["cuda"]:
-            index = torch.cuda.current_device()
-            facts["name"] = torch.cuda.get_device_name(index)
-            facts["memory_total"] = torch.cuda.get_device_properties(index).total_memory
-        return facts
-
 
 def create_app(runner: Runner, settings: ServeSettings, app_contract: App | None = None) -> FastAPI:
     @asynccontextmanager
