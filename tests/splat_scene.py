@@ -33,6 +33,7 @@ __all__ = [
     "pan_views",
     "pose_errors",
     "render",
+    "render_layers",
     "render_views",
     "umeyama",
 ]
@@ -140,6 +141,15 @@ def render(
     scene: Scene, k: np.ndarray, rot: np.ndarray, t: np.ndarray, width: int, height: int
 ) -> np.ndarray:
     """BGR uint8 image of the scene seen by the camera (k, rot, t), 2x2 supersampled."""
+    return render_layers(scene.quads, k, rot, t, width, height)[0]
+
+
+def render_layers(
+    quads: list[Quad], k: np.ndarray, rot: np.ndarray, t: np.ndarray, width: int, height: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(BGR uint8 image, z-depth per subpixel, index of the quad each subpixel shows, -1 for
+    sky) for the camera (k, rot, t); depth and index are at the 2x2 supersampled size
+    (``[2 * height, 2 * width]``), so a caller can tell a pixel's coverage exactly."""
     ss = 2
     # Render at ss x resolution: pixel centres there are at (j + 0.5) / ss in the original.
     k_ss = k.copy()
@@ -151,11 +161,12 @@ def render(
     origin = -rot.T @ t
 
     depth = np.full((h, w), np.inf)
+    index = np.full((h, w), -1, np.int32)
     # Sky: a smooth, featureless gradient with elevation.
     elev = dirs[..., 2] / np.linalg.norm(dirs, axis=-1)
     colour = np.stack([235 - 40 * elev, 205 - 30 * elev, 170 - 20 * elev], axis=-1)
 
-    for quad in scene.quads:
+    for number, quad in enumerate(quads):
         # Only rays inside the quad's projected bounding box can hit it (when it lies wholly
         # in front of the camera); this is a speed-up, the hit test below stays exact.
         corners = quad.origin + np.array([[0, 0], [1, 0], [0, 1], [1, 1]]) @ np.stack(
@@ -200,11 +211,15 @@ def render(
         sub_colour[idx] = texels * quad.shade
         depth[r0:r1, c0:c1] = sub_depth.reshape(r1 - r0, c1 - c0)
         colour[r0:r1, c0:c1] = sub_colour.reshape(r1 - r0, c1 - c0, 3)
+        sub_index = index[r0:r1, c0:c1].reshape(-1)
+        sub_index[idx] = number
+        index[r0:r1, c0:c1] = sub_index.reshape(r1 - r0, c1 - c0)
 
     big = np.clip(colour, 0, 255)
     # A 2x2 box filter: each output pixel averages exactly its own four subpixels.
     small = big.reshape(height, ss, width, ss, 3).mean(axis=(1, 3))
-    return np.clip(np.rint(small), 0, 255).astype(np.uint8)
+    # dist is along R^T K^-1 (u, v, 1), whose camera z is 1: it is the z-depth itself.
+    return np.clip(np.rint(small), 0, 255).astype(np.uint8), depth, index
 
 
 def orbit_poses(

@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "core.tasks": 2,
     "core.infer": 3,
     "core.splat": 3,
+    "core.stages": 3,
     "core.apps": 4,
     "handlers": 5,
     "core.serve": 6,
