@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     splat_fetch_deadline_s: float = Field(default=900.0, gt=0)
     """FETCH_DEADLINE_S for a splat job's video, zip or photos (up to SPLAT_MAX_INPUT_BYTES)."""
 
+    upload_dir: Path = REPO_ROOT / "outputs" / "uploads"
+    """Where the local server's app upload routes (Orbit's `upload_video`, the VFX platform's
+    `/api/process`) keep files; a job names one as `upload://<id>` (a safe name, never a path)."""
+
     # Outputs.
     output_dir: Path | None = None
     inline_max_bytes: int = Field(default=8 * 1024 * 1024, ge=0)

@@ -31,6 +31,7 @@ from core import control
 from core.config import Settings
 from core.errors import Cancelled, FetchFailed, InvalidInput, MediaDecodeFailed, PayloadTooLarge
 from core.media import sniff_media_type
+from core.naming import safe_name_error
 from core.netguard import (
     CERTIFICATE_ERRORS,
     NETWORK_ERRORS,
@@ -165,13 +166,49 @@ def _load(
     if ref.startswith("s3://"):
         _fetch_s3_into(ref, settings, bucket, field, sink)
         return "s3"
+    if ref.startswith(UPLOAD_SCHEME):
+        _read_upload_into(ref, settings, field, sink)
+        return "upload"
     if _SCHEME.match(ref):
         raise InvalidInput(
             f"{field}: unsupported URL scheme {ref.split('://')[0]!r}; "
-            "use http(s)://, s3://, a data URI or raw base64"
+            "use http(s)://, s3://, upload://, a data URI or raw base64"
         )
     sink.write(decode_base64(ref, field, limit))
     return "base64"
+
+
+UPLOAD_SCHEME = "upload://"
+
+
+def upload_path(ref: str, settings: Settings, field: str) -> Path:
+    """The file an `upload://<id>` names: a file the local server's upload route received,
+    in UPLOAD_DIR. The id is one safe name, so nothing outside that folder can be named."""
+    name = ref[len(UPLOAD_SCHEME) :]
+    problem = safe_name_error(name)
+    if problem:
+        raise InvalidInput(f"{field}: bad upload id: {problem}")
+    path = Path(settings.upload_dir) / name
+    if not path.is_file():
+        raise InvalidInput(
+            f"{field}: no upload {name!r} here (upload:// names a file the local server's "
+            "upload route received; on RunPod send a URL instead)"
+        )
+    return path
+
+
+def _read_upload_into(ref: str, settings: Settings, field: str, sink: _Sink) -> None:
+    path = upload_path(ref, settings, field)
+    size = path.stat().st_size
+    if size > settings.max_input_bytes:
+        raise PayloadTooLarge(
+            f"{field} is {size} bytes; the limit is {settings.max_input_bytes} (MAX_INPUT_BYTES)"
+        )
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            if control.cancel_requested():
+                raise Cancelled("the job was cancelled while reading its upload")
+            sink.write(chunk)
 
 
 def decode_base64(text: str, field: str, limit: int) -> bytes:

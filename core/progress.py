@@ -84,3 +84,51 @@ class ProgressReporter:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+
+
+class StagedProgress:
+    """One job of several stages, reported as one: each stage owns a span of 0-100 and its
+    updates are mapped into it, so the job's progress runs once from 0 to 100 (never back)
+    while `stage` names the stage at work. `reporter_for` hands a stage a `ProgressReporter`
+    (for code that reports with its own stage names, such as SAM 2's `propagating`);
+    `callback_for` a `(fraction, message)` callable for the stages in `core/stages/`."""
+
+    def __init__(self, reporter: ProgressReporter, spans: dict[str, tuple[float, float]]) -> None:
+        self.reporter = reporter
+        self.spans = spans
+        self._high = 0.0
+        self._lock = threading.Lock()
+
+    def report(
+        self, stage: str, fraction: float, message: str = "", *, force: bool = False
+    ) -> None:
+        lo, hi = self.spans[stage]
+        overall = lo + (hi - lo) * max(0.0, min(1.0, fraction))
+        with self._lock:
+            self._high = max(self._high, overall)
+            overall = self._high
+        self.reporter.update(stage, overall, message, force=force)
+
+    def start(self, stage: str, message: str) -> None:
+        self.report(stage, 0.0, message, force=True)
+
+    def callback_for(self, stage: str) -> Callable[[float, str], None]:
+        return lambda fraction, message="": self.report(stage, fraction, message)
+
+    def reporter_for(self, stage: str) -> ProgressReporter:
+        return _SpanReporter(self, stage)
+
+
+class _SpanReporter(ProgressReporter):
+    """A `ProgressReporter` whose updates (0-100 of whatever the caller calls its stage) land
+    in one stage's span of a `StagedProgress`."""
+
+    def __init__(self, staged: StagedProgress, stage: str) -> None:
+        super().__init__(staged.reporter.job, sink=lambda job, update: None)
+        self.staged, self.stage = staged, stage
+
+    def update(
+        self, stage: str, progress: float, message: str = "", *, force: bool = False, **extra: Any
+    ) -> bool:
+        self.staged.report(self.stage, progress / 100.0, message, force=force)
+        return True

@@ -66,6 +66,11 @@ class JobGateway(Protocol):
         """Jobs newest first, and how many there are in all."""
         ...
 
+    def cancel(self, job_id: str) -> JobView | None:
+        """Cancel like RunPod's /cancel (a running job is told to stop and its slot frees once
+        it does); the job as it is now, or None if unknown."""
+        ...
+
     def delete(self, job_id: str) -> JobView | None:
         """Forget the job (a running one is told to stop); what it was, or None if unknown.
         Files it stored are the app's to remove."""

@@ -99,6 +99,10 @@ class Gateway:
         records, total = self.runner.store.list_jobs(ALL_STATES, limit, offset)
         return [self._view(r) for r in records], total
 
+    def cancel(self, job_id: str) -> JobView | None:
+        record = self.runner.cancel(job_id)
+        return None if record is None else self._view(record)
+
     def delete(self, job_id: str) -> JobView | None:
         record = self.runner.delete(job_id)
         return None if record is None else self._view(record)

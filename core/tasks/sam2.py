@@ -20,8 +20,9 @@ import numpy as np
 
 from core.annotate import ClipAnnotator, sample_rate
 from core.contract import JobContext, TaskRequest
+from core.control import cancel_requested
 from core.encode import encode_mask
-from core.errors import InvalidInput
+from core.errors import Cancelled, InvalidInput
 from core.media import VideoFrame
 from core.models import LoadedModel
 from core.tasks import Task, register
@@ -226,6 +227,8 @@ def track_objects(
                     binary = (logits[:, 0] > 0).cpu().numpy()
             if step is None:
                 break
+            if cancel_requested():  # between frames: a clip's propagation is the long part
+                raise Cancelled("the job was cancelled (or ran past its execution timeout)")
             if masks[frame_idx] is None:
                 masks[frame_idx] = dict(zip(obj_ids, binary, strict=True))
             done += 1
