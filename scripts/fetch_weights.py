@@ -12,7 +12,8 @@ example to fill a RunPod network volume that several endpoints share:
 `--models` is a comma-separated list of names, as the worker looks them up in WEIGHTS_DIR, and
 groups: `default` (`ours` and `studio`), `ours` (YOLO11n detect, seg and pose, SAM 2.1 tiny,
 Depth Anything V2 Small, RAFT small), `studio` (the Perception Concept Studio's: YOLO26n detect,
-seg and pose, Depth Anything V1 Small, RAFT large), with SAM 3 in `default` and `studio` when a
+seg and pose, Depth Anything V1 Small, RAFT large), `orbit` (SAM 2 hiera large, the size
+Orbit's backend ran), with SAM 3 in `default` and `studio` when a
 Hugging Face token is given; `yolo`, `sam2` (the four SAM 2.1 sizes), `all` (the whole catalog;
 with --from-dir, everything in that folder) and `none`.
 
@@ -97,6 +98,8 @@ CATALOG: dict[str, Source] = {
     "sam2.1_hiera_large.pt": Source(
         "hf_file", "facebook/sam2.1-hiera-large", "sam2.1_hiera_large.pt"
     ),
+    # SAM 2 (not 2.1) large: the size Orbit's backend ran (`sam2_hiera_large`).
+    "sam2_hiera_large.pt": Source("hf_file", "facebook/sam2-hiera-large", "sam2_hiera_large.pt"),
     # A transformers save_pretrained folder: config, weights and the image processor's config.
     "depth-anything-v2-small": Source(
         "hf_snapshot",
@@ -134,10 +137,14 @@ STUDIO = (  # and sam3.pt, gated: taken where a token (or the file) is available
     "depth-anything-small-hf",
     "raft_large.pth",
 )
+# Orbit's SAM 2 size (ORBIT_SAM2_MODEL); its depth comes from `ours`. Not in `default`: the
+# 900 MB is only worth baking into an endpoint that serves Orbit.
+ORBIT = ("sam2_hiera_large.pt",)
 GROUPS: dict[str, tuple[str, ...]] = {
     "default": OURS + STUDIO,
     "ours": OURS,
     "studio": STUDIO,
+    "orbit": ORBIT,
     "yolo": ("yolo11n.pt", "yolo11n-seg.pt", "yolo11n-pose.pt"),
     "sam2": tuple(name for name in CATALOG if name.startswith("sam2.1_")),
     "all": tuple(name for name in CATALOG if name not in GATED),

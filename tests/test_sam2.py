@@ -299,36 +299,6 @@ def test_video_prompt_on_the_middle_frame_propagates_both_ways(
             assert not np.array_equal(masks[other, obj["id"]], masks[3, obj["id"]])
 
 
-def test_orbit_shape_returns_a_png_mask_per_frame(worker, sam2_checkpoint: Path) -> None:
-    """No task, a clip as `frames`, clicks in the app's 2x space: one data URI per frame."""
-    from scripts.synthetic_video import moving_shapes_clip
-
-    clip = moving_shapes_clip(5, width=128, height=96, frame_count=2, fps=12.0, texture=30.0)
-    box = clip.shapes[0].boxes[0]
-    click = {"x": (box[0] + box[2]), "y": (box[1] + box[3])}  # the centre, in 256x192
-    run = worker(
-        {
-            "frames": [png_b64(frame) for frame in clip.frames],
-            "fps": 12,
-            "width": 256,
-            "height": 192,
-            "prompt_points": [click],
-        }
-    )
-    assert run.result is not None and "error" not in run.result, run.output[-3000:]
-    result = run.result
-    assert result["task"] == "sam2-segmentation"
-    assert (result["width"], result["height"], result["fps"]) == (128, 96, 12.0)
-    assert result["frame_count"] == 2 and len(result["masks"]) == 2
-    assert any("scaled from 256x192" in warning for warning in result["warnings"])
-    for index, (uri, frame) in enumerate(zip(result["masks"], result["frames"], strict=True)):
-        assert uri.startswith("data:image/png;base64,")
-        mask = png_mask(uri.removeprefix("data:image/png;base64,"))
-        assert mask.shape == (96, 128)
-        assert frame["frame_index"] == index
-        assert frame["area"] == int(mask.sum()) > 0
-
-
 # ----------------------------------------------------------------------------------------------
 # Bad requests, models
 

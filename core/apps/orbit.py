@@ -474,7 +474,7 @@ def _depth(
     staged: StagedProgress,
     ctx: JobContext,
 ) -> tuple[_Depth, dict[str, Any]]:
-    from core.stages.camera import depth_anchors
+    from core.stages.depth_anchors import depth_anchors
     from core.stages.video_depth import consistent_depth, depth_quality, depth_to_png16
     from core.tasks.depth import load_depth
 
