@@ -13,8 +13,9 @@ scale, as DepthCrafter and Video Depth Anything do:
      ``FLOW_MAX_SIDE``), kept only where the forward and backward flows agree
      (``FB_TOLERANCE_PX``) and outside the (dilated) subject masks in both frames: a moving
      subject's depth changes for real, the static background's does not (to first order:
-     the camera's own motion changes it a little, the one bias no image-only fit can remove;
-     ``anchors`` can);
+     a camera moving towards or away from it changes it too, and a chain books that as a
+     scale change, frame after frame; on the test orbit, which rises and falls by 0.25 m,
+     17 % over 48 frames. No image-only fit sees the difference; the next two steps bound it);
    * each frame is fitted against the previous frame AND the most recent keyframes (a new
      keyframe every ``KEYFRAME_GAP`` frames, or sooner when the overlap with the newest one
      falls under ``KEYFRAME_OVERLAP``), each reference with the same total weight, so fit
@@ -23,10 +24,15 @@ scale, as DepthCrafter and Video Depth Anything do:
      sigmas) and symmetric (reduced major axis: both sides of a match are noisy model output,
      and an ordinary least-squares slope would shrink by the noise every frame, compounding
      along the chain);
+   * without anchors, the range hold (``range_window``, default ``RANGE_WINDOW`` frames): the
+     chain keeps the frame-to-frame agreement, and its slow drift is taken out by following
+     each frame's own robust range (``RANGE_PERCENTILES``) smoothed over the window (noisy
+     frame to frame, but without the chain's trend). It assumes the shot's depth range has
+     no trend over a window; a long dolly breaks that, and anchors are the fix;
    * ``anchors`` (pixel coordinates and known inverse depth, e.g. SfM points seen in the
      frame) join each anchored frame's fit with ``ANCHOR_SHARE`` of its weight, after one
-     global fit has put the chain into the anchors' units: they stop drift, and the result is
-     in their units (inverse SfM depth), not normalised;
+     global fit has put the chain into the anchors' units: real geometry against drift (no
+     range hold then), and the result is in their units (inverse SfM depth), not normalised;
    * without anchors, one normalisation for the whole shot: its min..max goes to 0..1. Never
      per frame.
 3. ``consistent_depth``: both, the shot's one PNG range, and Orbit's quality numbers.
@@ -516,8 +522,7 @@ def _hold_range(
     shifts: np.ndarray,
     raw_small: list[np.ndarray],
     window: int,
-    matcher: _Matcher,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The chain's slow drift taken out: per frame, the affine that takes the chained map's
     robust range (RANGE_PERCENTILES) to where its raw map's own range normalises it, smoothed
     over `window` frames (a running median, then a mean), applied to the chain.
@@ -527,7 +532,8 @@ def _hold_range(
     chain books that as a scale change, frame after frame (17 % over the test orbit's 48
     frames). A frame's own range has the opposite errors, none slow but noisy frame to frame;
     the smoothed difference keeps the chain's frame-to-frame agreement and the range's
-    long-run level. Anchors, where given, do this job with real geometry instead."""
+    long-run level. Anchors, where given, do this job with real geometry instead. Returns the
+    new scales and shifts, and the gain each frame's chained values were multiplied by."""
     count = len(raw_small)
     gains, offsets = np.ones(count), np.zeros(count)
     for t in range(count):
@@ -543,7 +549,26 @@ def _hold_range(
     log_gain = _smooth(np.log(gains), window)
     offset = _smooth(offsets, window)
     gain = np.exp(log_gain)
-    return scales * gain, shifts * gain + offset
+    return scales * gain, shifts * gain + offset, gain
+
+
+def _anchor_units(
+    scales: np.ndarray,
+    shifts: np.ndarray,
+    raw_full: list[np.ndarray],
+    points: list[Anchor | None],
+) -> _Fit | None:
+    """The affine from the chain's units to the anchors' (one robust fit over every anchor of
+    the shot); None without anchors or without a positive relation."""
+    xs, ys = [], []
+    for t, anchor in enumerate(points):
+        if anchor is not None:
+            xs.append(scales[t] * _sample(raw_full[t], anchor[0]) + shifts[t])
+            ys.append(anchor[1])
+    if not xs:
+        return None
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    return _robust_affine(x, y, np.ones(len(x)))
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -586,24 +611,19 @@ def _align(
 
     no_anchors: list[Anchor | None] = [None] * count
     scales, shifts, fits, methods = _chain(raw_small, raw_full, references, no_anchors, (1, 0))
-    units = "normalised"
-    if any(p is not None for p in points):
-        # The chain in the anchors' units (one fit over every anchor of the shot), then again
-        # with each frame's anchors in its own fit: they hold the chain where it drifted.
-        xs, ys = [], []
-        for t, anchor in enumerate(points):
-            if anchor is not None:
-                xs.append(scales[t] * _sample(raw_full[t], anchor[0]) + shifts[t])
-                ys.append(anchor[1])
-        x, y = np.concatenate(xs), np.concatenate(ys)
-        to_anchors = _robust_affine(x, y, np.ones(len(x)))
-        if to_anchors is not None:
-            first = (to_anchors.scale * scales[0], to_anchors.scale * shifts[0] + to_anchors.shift)
-            scales, shifts, fits, methods = _chain(raw_small, raw_full, references, points, first)
-            units = "anchors"
-    elif range_window:
-        scales, shifts = _hold_range(scales, shifts, raw_small, range_window, matcher)
     residuals = np.array([f.residual if f is not None else np.nan for f in fits])
+    units = "normalised"
+    to_anchors = _anchor_units(scales, shifts, raw_full, points)
+    if to_anchors is not None:
+        # Again with each frame's anchors in its own fit, the first frame in the anchors' units
+        # (one fit over every anchor of the shot): they hold the chain where it drifted.
+        first = (to_anchors.scale * scales[0], to_anchors.scale * shifts[0] + to_anchors.shift)
+        scales, shifts, fits, methods = _chain(raw_small, raw_full, references, points, first)
+        residuals = np.array([f.residual if f is not None else np.nan for f in fits])
+        units = "anchors"
+    elif range_window:
+        scales, shifts, gains = _hold_range(scales, shifts, raw_small, range_window)
+        residuals = residuals * gains
     residuals[0] = 0.0 if fits[0] is None else residuals[0]
     matched = np.array([f.inliers if f is not None else 0 for f in fits], np.int64)
     depths = [(scales[t] * raw_full[t] + shifts[t]).astype(np.float32) for t in range(count)]
@@ -649,7 +669,8 @@ def align_disparity(
 ) -> tuple[list[np.ndarray], DepthAlignment]:
     """Per-frame relative disparity (each with its own scale and shift) -> one scale for the
     shot (see the module's docstring for how). `masks`: True on things that move; `anchors`
-    per frame: (pixel coordinates [m, 2] as (x, y), known inverse depth [m]) or None. Returns
+    per frame: (pixel coordinates [m, 2] as (x, y), known inverse depth [m]) or None;
+    `range_window`: frames of the range hold (None: the chain alone). Returns
     the aligned maps (float32, each frame's size) and how each frame was aligned."""
     if not disparity:
         return [], DepthAlignment(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
