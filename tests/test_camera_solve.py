@@ -121,6 +121,7 @@ def test_every_frame_has_a_pose_and_the_intrinsics_are_the_truth(
         assert pose.num_points >= 50 and len(pose.quadrants) == 4
         assert pose.num_points <= pose.num_matched_keypoints <= pose.num_keypoints
     assert masked.points.shape == (len(masked.point_errors), 3) and len(masked.points) > 200
+    assert {"write", "extract", "match", "map", "read", "total"} <= set(masked.timings_ms)
     # Orbit's translation bound uses the median depth. The solve's scale is COLMAP's: the
     # similarity that aligns its centres to the truth brings it into the truth's units,
     # where it must agree with the rendered depth of the (unmasked) scene.

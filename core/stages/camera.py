@@ -17,6 +17,7 @@ right-handed, row-major). The world frame and its scale are COLMAP's arbitrary o
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,8 @@ class CameraSolve:
     sfm: SfmResult
     # frame -> indices into `points` of the 3D points that frame observes.
     observed_points: dict[int, np.ndarray] = field(default_factory=dict)
+    # ms per step: write (frames and masks), run_sfm's (extract, match, map, ...), read, total.
+    timings_ms: dict[str, float] = field(default_factory=dict)
 
     def registered_fraction(self) -> float:
         if not self.poses:
@@ -296,6 +299,7 @@ def solve_camera(
     camera_model: str = "SIMPLE_RADIAL",
     progress: Progress | None = None,
     min_registered_fraction: float = 0.5,
+    max_image_side: int | None = None,
     num_threads: int | None = None,
     seed: int = 0,
 ) -> CameraSolve:
@@ -310,25 +314,29 @@ def solve_camera(
     (``registered`` False, no pose). Raises `core.errors.SfmFailed` (with its hint) when
     COLMAP registers fewer than ``min_registered_fraction`` of the frames or none at all,
     and `core.errors.Cancelled` on a cancel between frames, extraction chunks and mapped
-    images. ``progress(fraction, message)`` is this stage's 0..1.
+    images. ``max_image_side``: SIFT runs on frames downscaled to this longest side (None:
+    the frames' own size; poses and intrinsics are always in the frames' pixels).
+    ``progress(fraction, message)`` is this stage's 0..1.
     """
     if quality not in QUALITY_FEATURES:
         raise InvalidInput(f"quality must be one of {sorted(QUALITY_FEATURES)}, got {quality!r}")
     if mask_dilate_px < 0:
         raise InvalidInput(f"mask_dilate_px must be >= 0, got {mask_dilate_px}")
     width, height = _check_inputs(frames, masks)
+    started = time.perf_counter()
     work_dir = Path(work_dir)
     image_dir = work_dir / "images"
     mask_dir = work_dir / "masks" if masks is not None else None
     _stop_if_cancelled()
     _write_inputs(frames, masks, image_dir, mask_dir, mask_dilate_px, progress)
+    written = time.perf_counter()
     _stop_if_cancelled()
     sfm = run_sfm(
         image_dir,
         work_dir / "colmap",
         matching=matching,
         progress=_StageProgress(progress, _SFM_SPAN),
-        max_image_side=max(width, height),  # frames are already the size to solve at
+        max_image_side=max_image_side or max(width, height),
         max_features=max_features or QUALITY_FEATURES[quality],
         mapper=mapper,
         min_registered_fraction=min_registered_fraction,
@@ -340,7 +348,16 @@ def solve_camera(
         mask_dir=mask_dir,
     )
     _stop_if_cancelled()
+    solved = time.perf_counter()
     solve = _read_solve(sfm, len(frames), width, height, work_dir / "colmap" / "database.db")
+    done = time.perf_counter()
+    solve.timings_ms = {
+        "write": round((written - started) * 1000, 1),
+        **{k: v for k, v in sfm.timings_ms.items() if k != "total"},
+        "sfm": sfm.timings_ms.get("total", round((solved - written) * 1000, 1)),
+        "read": round((done - solved) * 1000, 1),
+        "total": round((done - started) * 1000, 1),
+    }
     if progress is not None:
         progress(1.0, f"camera solved: {sfm.num_registered}/{len(frames)} frames registered")
     return solve
