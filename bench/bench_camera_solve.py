@@ -12,8 +12,9 @@ masks; one line each with the time per step, registered/total, the camera-centre
 percentage of the path length (after a similarity alignment to the truth), the focal error
 and pose_quality's score. A solve that fails says so (``failed`` and COLMAP's reason).
 Part 2: the masked solve at each SIFT preset (low/medium/high: 2048/8192/16384 features)
-on the synthetic clip at 640x480 (its texture gives only ~600-800 SIFT features a frame, so
-the caps do not bind there: that line shows the masked solve's accuracy per preset), then on
+on the synthetic clip at ``--quality-size`` (its texture gives only ~600-700 SIFT features a
+frame even at 1280x960, so the caps do not bind there: those lines show time and accuracy
+per preset; CPU SIFT still takes longer with a larger cap), then on
 real clips (``--clips``; sharpest frame per 1/fps window, unmasked, no truth) where they do:
 time per step and registered frames side by side.
 """

@@ -745,6 +745,7 @@ def _edge_stability(
         if mask is None or not mask.any():
             steps.append(None)
             continue
+        mask = np.asarray(mask, bool)
         as_bytes = mask.astype(np.uint8)
         inner = mask & ~(cv2.erode(as_bytes, kernel) > 0)
         outer = (cv2.dilate(as_bytes, kernel) > 0) & ~mask
