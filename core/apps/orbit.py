@@ -31,6 +31,8 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
+from fastapi import APIRouter, File, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -208,12 +210,12 @@ def pose_gate(pose: dict[str, Any], long_side: int) -> dict[str, Any]:
     solve, or under 30 % of the frames registered."""
     max_error = 2.0 * max(1.0, long_side / 1920)
     checks = {
-        "inlier_ratio": pose.get("inlier_ratio", 0.0) >= 0.35,
-        "median_reprojection_error": pose.get("median_reprojection_error", 999.0) <= max_error,
-        "good_coverage_frame_percent": pose.get("good_coverage_frame_percent", 0.0) >= 0.6,
-        "jitter_score": pose.get("jitter_score", 1.0) <= 0.5,
+        "inlier_ratio": _number(pose, "inlier_ratio", 0.0) >= 0.35,
+        "median_reprojection_error": _number(pose, "median_reprojection_error", 999.0) <= max_error,
+        "good_coverage_frame_percent": _number(pose, "good_coverage_frame_percent", 0.0) >= 0.6,
+        "jitter_score": _number(pose, "jitter_score", 1.0) <= 0.5,
     }
-    registered = pose.get("registered", 0) / max(1, pose.get("total", 1))
+    registered = _number(pose, "registered", 0.0) / max(1.0, _number(pose, "total", 1.0))
     hard = registered < 0.3
     return {
         "passed": all(checks.values()) and not hard,
@@ -224,14 +226,20 @@ def pose_gate(pose: dict[str, Any], long_side: int) -> dict[str, Any]:
     }
 
 
+def _number(metrics: dict[str, Any], key: str, missing: float) -> float:
+    """A metric, or the failing value when absent or not measurable (None)."""
+    value = metrics.get(key)
+    return missing if value is None else float(value)
+
+
 def track_gate(track: dict[str, Any]) -> dict[str, Any]:
     """PRD B3 (tracks with confidence < 0.6, lifespan < 15 frames or a large residual
     against their neighbours are discarded upstream); too few kept -> 2.5D Subject. The
     backend's thresholds: >= 50 kept, median lifespan >= 15, median confidence >= 0.6."""
     checks = {
-        "num_tracks_kept": track.get("num_tracks_kept", 0) >= 50,
-        "median_lifespan": track.get("median_lifespan", 0) >= 15,
-        "median_confidence": track.get("median_confidence", 0.0) >= 0.6,
+        "num_tracks_kept": _number(track, "num_tracks_kept", 0.0) >= 50,
+        "median_lifespan": _number(track, "median_lifespan", 0.0) >= 15,
+        "median_confidence": _number(track, "median_confidence", 0.0) >= 0.6,
     }
     return {"passed": all(checks.values()), "checks": checks}
 
@@ -240,8 +248,8 @@ def depth_gate(depth: dict[str, Any]) -> dict[str, Any]:
     """PRD B4 depth confidence; the backend's thresholds: temporal consistency >= 0.7 and
     edge stability >= 0.6."""
     checks = {
-        "temporal_consistency": depth.get("temporal_consistency", 0.0) >= 0.7,
-        "edge_stability": depth.get("edge_stability", 0.0) >= 0.6,
+        "temporal_consistency": _number(depth, "temporal_consistency", 0.0) >= 0.7,
+        "edge_stability": _number(depth, "edge_stability", 0.0) >= 0.6,
     }
     return {"passed": all(checks.values()), "checks": checks}
 
@@ -249,7 +257,7 @@ def depth_gate(depth: dict[str, Any]) -> dict[str, Any]:
 def mask_gate(mask: dict[str, Any]) -> dict[str, Any]:
     """PRD B1: a subject over 65 % of the frame in over 30 % of frames is a pose risk;
     severe jitter makes the subject layer a fallback candidate."""
-    passed = mask.get("score", 0.0) >= 0.5 and not mask.get("severe_jitter", False)
+    passed = _number(mask, "score", 0.0) >= 0.5 and not mask.get("severe_jitter", False)
     return {
         "passed": passed,
         "pose_risk": bool(mask.get("pose_risk", False)),
@@ -697,10 +705,7 @@ def _is_orbit(job: JobView) -> bool:
     return isinstance(job.input, dict) and recognises(job.input)
 
 
-def routes(gateway: JobGateway) -> Any:
-    from fastapi import APIRouter, File, Request, UploadFile
-    from fastapi.responses import FileResponse, JSONResponse
-
+def routes(gateway: JobGateway) -> APIRouter:
     router = APIRouter(tags=["Orbit"])
 
     def not_found(job_id: str) -> JSONResponse:

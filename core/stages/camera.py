@@ -396,7 +396,8 @@ def pose_quality(solve: CameraSolve | None, total_frames: int) -> dict[str, Any]
     * ``median_reprojection_error``: median over registered frames of their mean error (px);
     * ``quadrant_coverage``: per image quadrant (TL, TR, BL, BR), the share of all frames
       with >= QUADRANT_MIN_POINTS observations there;
-    * ``good_coverage_frame_percent``: percent of all frames with >= 3 quadrants covered;
+    * ``good_coverage_frame_percent``: the share (0..1, despite the name: Orbit's backend gave
+      and gated a share) of all frames with >= 3 quadrants covered;
     * ``jitter_score``: see `_jitter` (None when undefined);
     * ``score`` (0..1, ours): registered share x a reprojection term (1 at <= 1 px, 0 at
       >= 4 px) x (0.5 + 0.5 x the well-covered share) x 1 / (1 + jitter).
@@ -436,7 +437,7 @@ def pose_quality(solve: CameraSolve | None, total_frames: int) -> dict[str, Any]
         "inlier_ratio": round(float(min(1.0, inlier_ratio)), 4),
         "median_reprojection_error": None if not np.isfinite(reproj) else round(reproj, 4),
         "quadrant_coverage": [round(float(s), 4) for s in quadrant_share],
-        "good_coverage_frame_percent": round(100.0 * good, 2),
+        "good_coverage_frame_percent": round(float(good), 4),
         "jitter_score": None if jitter is None else round(jitter, 4),
         "registered": len(registered),
         "total": total,
