@@ -367,8 +367,15 @@ def test_a_custom_tracker_is_used(following: OrbitClip) -> None:
     assert reports and reports[-1] == 1.0 and reports == sorted(reports)
 
 
-def test_lk_is_the_default_tracker() -> None:
-    assert LucasKanadeTracker().name == "lucas-kanade"
+def test_the_fb_and_appearance_checks_are_what_make_it_accurate(
+    crossing: OrbitClip, crossing_tracks: Tracks
+) -> None:
+    # Plain LK (OpenCV's usual 21 px window, a loose 1 px FB check, no appearance check).
+    plain = LucasKanadeTracker(window_size=21, fb_threshold_px=1.0, min_anchor_ncc=-1.0)
+    loose = accuracy(crossing, track_clip(crossing.frames, crossing.masks, tracker=plain))
+    tight = accuracy(crossing, crossing_tracks)  # the defaults, which LK is without a tracker
+    assert loose["background_within_2px"] < tight["background_within_2px"] - 0.15, (loose, tight)
+    assert loose["subject_within_2px"] < tight["subject_within_2px"] - 0.05, (loose, tight)
 
 
 def test_seed_points_respect_mask_margin_and_exclusion(crossing: OrbitClip) -> None:
