@@ -85,15 +85,17 @@ def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int, eps: float
 
 
 def guided_alpha(
-    frame: np.ndarray, trimap_u8: np.ndarray, *, radius: int = 4, eps: float = 1e-3
+    frame: np.ndarray,
+    mask: np.ndarray,
+    trimap_u8: np.ndarray,
+    *,
+    radius: int = 4,
+    eps: float = 1e-3,
 ) -> np.ndarray:
-    """float32 alpha in [0, 1]: the guided-filtered mask inside the unknown band."""
+    """float32 alpha in [0, 1]: the mask guided-filtered by the frame, inside the unknown
+    band (the trimap's known regions kept)."""
     grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY).astype(np.float32) / 255.0
-    hard = (trimap_u8 >= UNKNOWN).astype(np.float32)
-    # The band's centre line is the mask's own edge: start from the mask (fg + half band).
-    source = np.where(trimap_u8 == 255, 1.0, 0.0).astype(np.float32)
-    source = np.maximum(source, cv2.GaussianBlur(hard, (0, 0), max(1.0, radius / 2)) * hard)
-    filtered = guided_filter(grey, source, radius, eps)
+    filtered = guided_filter(grey, mask.astype(np.float32), radius, eps)
     return _keep_known(np.clip(filtered, 0.0, 1.0), trimap_u8)
 
 
@@ -225,7 +227,7 @@ def matte_frames(
         if loaded is not None:
             alpha = vitmatte_alpha(loaded, frame, band)
         else:
-            alpha = guided_alpha(frame, band, radius=max(2, dilate_px // 2 + 1))
+            alpha = guided_alpha(frame, mask, band, radius=max(2, dilate_px // 2 + 1))
         path = out_dir / f"matte_{number:04d}.png"
         path.write_bytes(rgba_png(frame, alpha))
         files.append(path)
