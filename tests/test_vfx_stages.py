@@ -48,6 +48,12 @@ def numbered_frames(count: int, width: int = 160, height: int = 120) -> list[np.
     return [np.full((height, width, 3), 30 + 20 * i, np.uint8) for i in range(count)]
 
 
+def read_image(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    pixels = cv2.imread(str(path), flags)
+    assert pixels is not None, path
+    return pixels
+
+
 def local_project(tmp_path: Path, name: str = "Shot_010") -> Project:
     return Project(name, Settings(output_dir=tmp_path / "out"), None)
 
@@ -155,6 +161,7 @@ def test_camera_data_holds_every_frame_and_the_true_cameras(clip: OrbitClip) -> 
             continue
         rot, t = clip.poses[i]
         assert np.allclose(np.asarray(entry["world_to_camera"])[:3, :3], rot, atol=1e-8)
+        assert np.allclose(np.asarray(entry["world_to_camera"])[:3, 3], t, atol=1e-8)
         # The scene convention: the centre is COLMAP's turned 180 degrees about X.
         centre = np.asarray(entry["position"])
         assert np.allclose(centre, np.diag([1, -1, -1]) @ clip.centres[i], atol=1e-6)
@@ -228,7 +235,7 @@ def test_roto_writes_one_mask_per_frame_per_concept_and_instance(
     for i, combined in enumerate(read_combined(tmp_path / "roto", numbers)):
         truth = clip.masks[i] | (np.roll(clip.masks[i], 5, axis=0) if i % 2 == 0 else False)
         assert np.array_equal(combined, truth)
-        person = cv2.imread(str(tmp_path / f"roto/person/mask_{i + 1:04d}.png"), 0) > 127
+        person = read_image(tmp_path / f"roto/person/mask_{i + 1:04d}.png", 0) > 127
         iou = (person & clip.masks[i]).sum() / max(1, (person | clip.masks[i]).sum())
         assert iou == 1.0
 
@@ -262,7 +269,7 @@ def test_guided_filter_matte_recovers_the_soft_edge(tmp_path: Path) -> None:
     assert np.all(soft[band == 255] == 1.0) and np.all(soft[band == 0] == 0.0)
 
     files = matte_frames([image], [mask], tmp_path, [7], method="guided_filter").files
-    rgba = cv2.imread(str(files[0]), cv2.IMREAD_UNCHANGED)
+    rgba = read_image(files[0], cv2.IMREAD_UNCHANGED)
     assert files[0].name == "matte_0007.png" and rgba.shape == (120, 160, 4)
     assert np.abs(rgba[..., 3] / 255.0 - soft).max() <= 1 / 255 + 1e-6
 
@@ -296,7 +303,7 @@ def test_vitmatte_loads_and_runs_or_says_why_not(
         assert fallback.method == "guided_filter" and "ViTMatte" in (fallback.fallback_reason or "")
 
         torch.manual_seed(0)
-        backbone = VitDetConfig(
+        backbone = VitDetConfig(  # type: ignore[call-arg]
             hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
             image_size=64, pretrain_image_size=64, patch_size=16, num_channels=4,
             out_features=["stage2"], window_block_indices=[], residual_block_indices=[],
@@ -313,7 +320,7 @@ def test_vitmatte_loads_and_runs_or_says_why_not(
         loaded = load_matte()
         result = matte_frames([image], [mask], tmp_path, [1], method="auto")
         assert result.method == "vitmatte" and result.fallback_reason is None
-        rgba = cv2.imread(str(result.files[0]), cv2.IMREAD_UNCHANGED)
+        rgba = read_image(result.files[0], cv2.IMREAD_UNCHANGED)
         band = trimap(mask, 3, 6)
         assert rgba.shape == (120, 160, 4)
         assert np.all(rgba[..., 3][band == 255] == 255) and np.all(rgba[..., 3][band == 0] == 0)
@@ -350,7 +357,7 @@ def test_clean_plate_restores_the_true_background(tmp_path: Path) -> None:
     assert shares["temporal_median"] > 0.95, shares
     errors, inpaint_errors = [], []
     for i, path in enumerate(result.files):
-        plate = cv2.imread(str(path)).astype(float)
+        plate = read_image(path).astype(float)
         truth = backgrounds[i].astype(float)
         errors.append(np.abs(plate - truth)[masks[i]].mean())
         hole = grow(masks[i], 2).astype(np.uint8) * 255
@@ -369,7 +376,7 @@ def test_clean_plate_with_parallax_beats_inpainting(tmp_path: Path, clip: OrbitC
     result = clean_plates(clip.frames, clip.masks, tmp_path, numbers, dilate_px=3)
     errors, inpaint_errors = [], []
     for i, path in enumerate(result.files):
-        plate = cv2.imread(str(path)).astype(float)
+        plate = read_image(path).astype(float)
         truth = clip.background[i].astype(float)
         errors.append(np.abs(plate - truth)[clip.masks[i]].mean())
         hole = grow(clip.masks[i], 3).astype(np.uint8) * 255

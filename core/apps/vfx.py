@@ -173,8 +173,15 @@ class VfxSubmit(StrictModel):
         return value
 
     def stage_options(self, stage: str, warnings: list[str]) -> Any:
-        parsed, unused = STAGE_OPTIONS[stage].parse(self.options.get(stage, {}), stage)
-        warnings.extend(w.replace("options.", f"options.{stage}.", 1) for w in unused)
+        """The stage's options parsed (errors and unused keys named `options.<stage>.<key>`)."""
+        kind, given = STAGE_OPTIONS[stage], self.options.get(stage, {})
+        try:
+            parsed = kind.model_validate(given)
+        except ValidationError as exc:
+            prefix = f"options.{stage}."
+            raise InvalidInput(describe_validation_error(exc, prefix=prefix)) from exc
+        unused = sorted(set(given) - set(kind.model_fields))
+        warnings.extend(f"options.{stage}.{key} is not used by {stage}" for key in unused)
         return parsed
 
 
@@ -310,11 +317,12 @@ def stage_ingest(state: JobState, options: IngestOptions, progress: Progress) ->
 
 
 def stage_depth(state: JobState, options: DepthStageOptions, progress: Progress) -> dict[str, Any]:
+    project = state.project
+    frames = state.frames()  # first: a project without frames says so whatever else is missing
+
     from core.stages.video_depth import consistent_depth, depth_to_png16
     from core.tasks.depth import load_depth
 
-    project = state.project
-    frames = state.frames()
     masks = state.masks(required=False)
     loaded = load_depth(options.model)
     depth = consistent_depth(
@@ -487,11 +495,12 @@ def stage_cleanplate(
 def stage_colmap(state: JobState, options: ColmapOptions, progress: Progress) -> dict[str, Any]:
     import tempfile
 
+    project = state.project
+    frames = state.frames()  # first: a project without frames says so whatever else is missing
+
     from core.stages.camera import QUALITY_FEATURES, solve_camera
     from core.stages.camera_export import Intrinsics, blender_script, camera_data, nuke_chan
 
-    project = state.project
-    frames = state.frames()
     masks = state.masks(required=False) if options.mask_subject else None
     if masks is None:
         masks = [np.zeros(f.shape[:2], bool) for f in frames]
