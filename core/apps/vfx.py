@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from core.apps.base import App, JobGateway, JobView
@@ -44,9 +46,7 @@ from core.payload import Payload
 from core.schemas import StrictModel, TaskOptions, VideoOptions
 from core.stages.ingest import Ingested, ingest_frames, load_frames, read_manifest
 from core.stages.project import FRAMES_DIR, PLATE_STEM, Project, path_error
-
-if TYPE_CHECKING:
-    from fastapi import APIRouter
+from core.storage import BucketTarget
 
 log = logging.getLogger("worker.vfx")
 
@@ -726,10 +726,6 @@ def _text(fields: dict[str, tuple[str | None, bytes]], name: str) -> str | None:
 
 
 def routes(gateway: JobGateway) -> APIRouter:
-    from fastapi import APIRouter, Depends, HTTPException, Request
-    from fastapi.responses import FileResponse, StreamingResponse
-
-    from core.storage import BucketTarget
 
     def refused(status_code: int, detail: str) -> Exception:
         return HTTPException(status_code, detail={"error": detail, "detail": detail})
