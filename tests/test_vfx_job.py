@@ -250,3 +250,39 @@ def test_camera_track_matches_the_known_camera(vfx: Any, tmp_path: Path) -> None
     for entry in registered:
         assert np.allclose(chan[entry["frame"]][0], np.asarray(entry["camera_to_world"]), atol=1e-6)
     assert (root / "camera_blender.py").is_file()
+
+
+def test_roto_with_sam2_prompts_writes_every_frames_masks(
+    vfx: Any, tmp_path: Path, weights_dir: Path, clip: OrbitClip
+) -> None:
+    """SAM 2 (random weights: the masks are not accurate) from a box on frame 2: the plumbing
+    from prompts to one mask file per frame per object, read back by the next stage."""
+    from scripts.make_test_weights_sam2 import make_sam2_checkpoint
+
+    make_sam2_checkpoint(weights_dir, "sam2.1_hiera_tiny.pt")
+    frames = clip.frames[:3]
+    video = video_b64(frames, tmp_path / "g.mp4", clip.fps)
+    ys, xs = np.nonzero(clip.masks[1])
+    box = [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
+    result = vfx(
+        {
+            "project_name": "Shot_G",
+            "stages": ["ingest", "roto", "matte"],
+            "video": video,
+            "options": {
+                "roto": {"objects": [{"id": 4, "box": box, "frame_index": 2}]},
+                "matte": {"method": "guided_filter"},
+            },
+        }
+    )
+    assert result["status"] == "completed", result
+    roto = result["roto"]
+    assert roto["mask_count"] == len(frames) and roto["model"] == "sam2.1_hiera_tiny.pt"
+    assert roto["concepts"] == {"object": "object"} and roto["instances"] == {"object": ["id_4"]}
+    root = vfx.out / "projects/Shot_G/roto"
+    assert sorted(p.name for p in (root / "object").glob("mask_*.png")) == [
+        f"mask_{i:04d}.png" for i in range(1, len(frames) + 1)
+    ]
+    assert len(list((root / "object/id_4").glob("*.png"))) == len(frames)
+    assert len(list((root / "all").glob("*.png"))) == len(frames)
+    assert result["matte"]["matte_count"] == len(frames)
