@@ -203,10 +203,17 @@ def test_ingest_and_depth_job(vfx: Any, tmp_path: Path, weights_dir: Path, clip:
     from scripts.make_test_weights_depth import make_depth_checkpoint
 
     make_depth_checkpoint(weights_dir)
-    video = video_b64(clip.frames[:10], tmp_path / "e.mp4", clip.fps)
-    result = vfx({"project_name": "Shot_E", "stages": ["ingest", "depth"], "video": video})
+    video = video_b64(clip.frames[:8], tmp_path / "e.mp4", clip.fps)
+    result = vfx(
+        {
+            "project_name": "Shot_E",
+            "stages": ["ingest", "depth"],
+            "video": video,
+            "options": {"depth": {"input_size": 126}},  # small: CPU time
+        }
+    )
     assert result["status"] == "completed", result
-    assert result["ingest"]["frame_count"] == 10 and result["depth"]["depth_count"] == 10
+    assert result["ingest"]["frame_count"] == 8 and result["depth"]["depth_count"] == 8
     root = vfx.out / "projects/Shot_E/depth"
     png = cv2.imread(str(root / "depth_0001.png"), cv2.IMREAD_UNCHANGED)
     assert png is not None and png.dtype == np.uint16 and png.shape == (clip.height, clip.width)

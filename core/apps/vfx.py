@@ -39,6 +39,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 from core.apps.base import App, JobGateway, JobView
 from core.config import get_settings
 from core.contract import JobContext, RequestAdapter, TaskRequest
+from core.control import cancel_requested
 from core.errors import Cancelled, InvalidInput, WorkerError, describe_validation_error
 from core.media import VIDEO_TYPES, sniff_media_type
 from core.naming import safe_name_error
@@ -320,7 +321,8 @@ def stage_depth(state: JobState, options: DepthStageOptions, progress: Progress)
     project = state.project
     frames = state.frames()  # first: a project without frames says so whatever else is missing
 
-    from core.stages.video_depth import consistent_depth, depth_to_png16
+    from core.encode import depth_to_png16
+    from core.stages.video_depth import consistent_depth
     from core.tasks.depth import load_depth
 
     masks = state.masks(required=False)
@@ -334,7 +336,7 @@ def stage_depth(state: JobState, options: DepthStageOptions, progress: Progress)
     )
     folder = project.folder("depth", empty=True)
     for number, disparity in zip(state.numbers(), depth.depths, strict=True):
-        if state.ctx and _cancelled():
+        if cancel_requested():
             raise Cancelled("the job was cancelled (or ran past its execution timeout)")
         (folder / f"depth_{number:04d}.png").write_bytes(
             depth_to_png16(disparity, depth.lo, depth.hi)
@@ -571,18 +573,14 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None  # JSON has no NaN
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return _jsonable(value.tolist())
     if hasattr(value, "__dataclass_fields__"):
         return _jsonable(vars(value))
     return value
-
-
-def _cancelled() -> bool:
-    from core.control import cancel_requested
-
-    return cancel_requested()
 
 
 RUNNERS: dict[str, Callable[[JobState, Any, Progress], dict[str, Any]]] = {
