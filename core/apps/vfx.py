@@ -105,7 +105,7 @@ class MatteOptions(TaskOptions):
 
 
 class CleanplateOptions(TaskOptions):
-    window: int = Field(default=6, ge=1, le=60)
+    window: int = Field(default=30, ge=1, le=240)
     max_sources: int = Field(default=8, ge=1, le=60)
     dilate_px: int = Field(default=4, ge=0, le=64)
     inpaint_radius: int = Field(default=5, ge=1, le=32)

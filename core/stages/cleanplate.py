@@ -1,7 +1,8 @@
 """cleanplate: the masked subject removed from every frame, the background filled from other
 frames where they saw it, and inpainted where no frame did.
 
-Temporal fill: each neighbour (nearest first, up to `window` frames either side) is warped
+Temporal fill: each neighbour (nearest first at widening steps, up to `window` frames
+either side) is warped
 into the frame by a homography fitted with RANSAC on SIFT matches found on the background only
 (both frames' subject masks excluded); a hole pixel takes the per-channel median of the
 neighbours' warped pixels that were background there (a robust median: one neighbour's
@@ -89,10 +90,18 @@ def fit_homography(source: Features, target: Features, matcher: Any) -> np.ndarr
 
 
 def neighbour_order(position: int, count: int, window: int) -> list[int]:
-    """Other frames nearest first, alternating sides, up to `window` either side."""
+    """Other frames up to `window` away, nearest first, alternating sides, at widening steps
+    (1, 2, 3, 4, 6, 9, 13, ...): far frames saw what a slow subject hides, near ones agree
+    best with the frame."""
+    offsets: list[int] = []
+    step = 1.0
+    while round(step) <= window:
+        if round(step) not in offsets:
+            offsets.append(round(step))
+        step = step + 1 if step < 4 else step * 1.45
     order = []
-    for step in range(1, window + 1):
-        for other in (position - step, position + step):
+    for offset in offsets:
+        for other in (position - offset, position + offset):
             if 0 <= other < count:
                 order.append(other)
     return order
@@ -104,7 +113,7 @@ def clean_plates(
     out_dir: Path,
     numbers: Sequence[int],
     *,
-    window: int = 6,
+    window: int = 30,
     max_sources: int = 8,
     dilate_px: int = 4,
     inpaint_radius: int = 5,
@@ -122,11 +131,22 @@ def clean_plates(
             raise Cancelled(CANCELLED)
         features.append(background_features(frame, hole, sift))
     result = CleanplateResult(files=[])
+    fits: dict[tuple[int, int], np.ndarray | None] = {}
+
+    def homography(source: int, target: int) -> np.ndarray | None:
+        """source -> target, fitted once per pair (the other way is its inverse)."""
+        if (target, source) in fits:
+            back = fits[(target, source)]
+            return None if back is None else np.linalg.inv(back)
+        if (source, target) not in fits:
+            fits[(source, target)] = fit_homography(features[source], features[target], matcher)
+        return fits[(source, target)]
+
     for position in range(count):
         if cancel_requested():
             raise Cancelled(CANCELLED)
         plate, stats = fill_frame(
-            position, frames, holes, features, matcher, window, max_sources, inpaint_radius
+            position, frames, holes, homography, window, max_sources, inpaint_radius
         )
         path = out_dir / f"cleanplate_{numbers[position]:04d}.png"
         if not cv2.imwrite(str(path), plate):
@@ -145,8 +165,7 @@ def fill_frame(
     position: int,
     frames: Sequence[np.ndarray],
     holes: Sequence[np.ndarray],
-    features: Sequence[Features],
-    matcher: Any,
+    homography_of: Callable[[int, int], np.ndarray | None],
     window: int,
     max_sources: int,
     inpaint_radius: int,
@@ -160,7 +179,7 @@ def fill_frame(
     for other in neighbour_order(position, len(frames), window):
         if len(samples) >= max_sources:
             break
-        homography = fit_homography(features[other], features[position], matcher)
+        homography = homography_of(other, position)
         if homography is None:
             continue
         warped = cv2.warpPerspective(
