@@ -293,3 +293,46 @@ def test_roto_with_sam2_prompts_writes_every_frames_masks(
     assert len(list((root / "object/id_4").glob("*.png"))) == len(frames)
     assert len(list((root / "all").glob("*.png"))) == len(frames)
     assert result["matte"]["matte_count"] == len(frames)
+
+
+def test_project_in_a_bucket_is_reused_by_a_later_job(
+    vfx: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_server: Any, clip: OrbitClip
+) -> None:
+    from core.config import Settings, get_settings
+    from core.storage import BucketTarget
+
+    monkeypatch.delenv("OUTPUT_DIR")
+    for key, value in {
+        "BUCKET_ENDPOINT_URL": s3_server.endpoint_url,
+        "BUCKET_NAME": s3_server.bucket,
+        "BUCKET_ACCESS_KEY_ID": s3_server.access_key,
+        "BUCKET_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "BUCKET_KEY_PREFIX": "vfx-job-tests",
+        "WORK_DIR": str(tmp_path / "work"),
+    }.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    frames = clip.frames[:6]
+    video = video_b64(frames, tmp_path / "h.mp4", clip.fps)
+    first = vfx({"project_name": "Bucket_Shot", "stages": ["ingest"], "video": video})
+    assert first["status"] == "completed" and first["project"]["storage"] == "s3", first
+    assert first["project"]["prefix"] == "vfx-job-tests/projects/Bucket_Shot/"
+    # Roto masks kept in the bucket, as a roto run leaves them.
+    bucket = BucketTarget.from_settings(get_settings())
+    project = Project("Bucket_Shot", Settings(work_dir=tmp_path / "work"), bucket)
+    per_frame = [[RotoInstance("person", 1, mask)] for mask in clip.masks[:6]]
+    write_roto(per_frame, ["person"], project.root / "roto", list(range(1, 7)), clip.masks[0].shape)
+    project.publish("roto")
+    project.close()
+
+    second = vfx({"project_name": "Bucket_Shot", "stages": ["matte"]})
+    assert second["status"] == "completed", second
+    assert second["matte"]["matte_count"] == 6
+    keys = [
+        item["Key"]
+        for item in s3_server.client().list_objects_v2(
+            Bucket=s3_server.bucket, Prefix="vfx-job-tests/projects/Bucket_Shot/matte/"
+        )["Contents"]
+    ]
+    assert len(keys) == 6 and keys[0].endswith("matte_0001.png")
+    assert not list((tmp_path / "work").iterdir())  # the working copies are gone

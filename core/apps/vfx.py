@@ -790,8 +790,9 @@ def routes(gateway: JobGateway) -> APIRouter:
                 if media_type not in VIDEO_TYPES:
                     raise refused(415, f"file: not a video ({media_type or 'unknown type'})")
                 suffix = mimetypes.guess_extension(media_type or "") or ".mp4"
-                for old in project.root.glob("source/plate.*"):
-                    old.unlink()
+                for kept in project.list_files("source"):  # one plate: the new one
+                    if kept.path.startswith(f"{PLATE_STEM}."):
+                        project.remove(kept.path)
                 project.save(f"{PLATE_STEM}{suffix}", upload[1])
         finally:
             project.close()

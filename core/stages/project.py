@@ -173,6 +173,14 @@ class Project:
             self._upload(relative, path)
         return path
 
+    def remove(self, relative: str) -> None:
+        """Delete one kept file (the local copy, and the bucket's object)."""
+        path = self.path(relative)
+        path.unlink(missing_ok=True)
+        if self.mode == "s3":
+            assert self.bucket is not None
+            self._s3().delete_object(Bucket=self.bucket.bucket, Key=self.key(relative))
+
     def publish(self, relative: str) -> list[StoredFile]:
         """Make the files under `relative` (a file or a folder) persist: with a bucket,
         upload them; under OUTPUT_DIR they already are. What was kept."""
