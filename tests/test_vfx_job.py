@@ -129,6 +129,18 @@ def test_reused_project_runs_later_stages_without_video(
     matte_top = max(u["progress"] for u in vfx.updates if u["stage"] == "matte")
     assert 40 <= matte_top <= 60  # matte and cleanplate weigh the same
 
+    # A new ingest: the outputs made from the old frames go.
+    assert (
+        vfx({"project_name": "Shot_B", "stages": ["ingest"], "video": video})["status"]
+        == "completed"
+    )
+    assert not any((root / d).exists() for d in ("roto", "matte", "cleanplate"))
+    refused = vfx({"project_name": "Shot_B", "stages": ["matte"]})
+    assert (
+        refused["matte"]["error_code"] == "invalid_input"
+        and "run roto" in refused["matte"]["error"]
+    )
+
 
 def test_a_failing_stage_stops_the_job(vfx: Any, tmp_path: Path) -> None:
     frames = [np.full((64, 96, 3), 40 + 10 * i, np.uint8) for i in range(6)]

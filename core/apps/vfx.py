@@ -58,6 +58,7 @@ NATIVE_TASK = "depth-estimation"
 """The task whose media rules the job's `video` follows (a video, or none); the app's own
 `run_task` runs the stages, so nothing else of that task is used."""
 DEFAULT_STAGES = ["ingest", "depth"]
+DERIVED_FOLDERS = ("depth", "roto", "matte", "cleanplate", "colmap")
 DEFAULT_PROJECT = "NewProject"
 Progress = Callable[[float, str], None]
 
@@ -303,6 +304,9 @@ def stage_ingest(state: JobState, options: IngestOptions, progress: Progress) ->
         progress=progress,
     )
     state._ingested, state._frames, state._masks = ingested, None, None
+    # New frames: what earlier stages made from the old ones no longer matches them.
+    for derived in DERIVED_FOLDERS:
+        project.clear(derived)
     return {
         "frame_count": ingested.frame_count,
         "fps": round(ingested.fps, 6),

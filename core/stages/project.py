@@ -112,13 +112,19 @@ class Project:
     def folder(self, relative: str, *, empty: bool = False) -> Path:
         """The local folder `relative`; `empty` clears what an earlier run left there, so a
         rerun's outputs never mix with stale ones (in the bucket too, at `publish`)."""
+        if empty:
+            self.clear(relative)
         path = self.path(relative)
-        if empty and path.exists():
-            shutil.rmtree(path)
-            if self.mode == "s3":
-                self._delete_prefix(relative)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def clear(self, relative: str) -> None:
+        """Remove the folder `relative` and everything kept under it (in the bucket too)."""
+        path = self.path(relative)
+        if path.is_dir():
+            shutil.rmtree(path)
+        if self.mode == "s3":
+            self._delete_prefix(relative)
 
     def key(self, relative: str) -> str:
         assert self.bucket is not None
