@@ -385,3 +385,31 @@ def test_clean_plate_with_parallax_beats_inpainting(tmp_path: Path, clip: OrbitC
     shares = result.shares()
     assert 0 < shares["temporal_median"] < 1 and abs(sum(shares.values()) - 1) < 1e-3
     assert np.mean(errors) < np.mean(inpaint_errors), (np.mean(errors), np.mean(inpaint_errors))
+
+
+def test_sam3_results_become_instances_per_concept_and_track_id(clip: OrbitClip) -> None:
+    """SAM 3's `Results` rows (class -> concept, track id, mask at the model's or the frame's
+    size) as roto instances, model-free: random weights would give nothing to check."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from core.stages.roto import results_to_instances
+
+    mask = clip.masks[0]
+    small = cv2.resize(mask.astype(np.uint8), (96, 72), interpolation=cv2.INTER_NEAREST)
+    classes, ids = torch.tensor([1.0, 0.0, 5.0]), torch.tensor([3.0, 8.0, 9.0])
+    data = torch.tensor(np.stack([small, 1 - small, small]).astype(np.float32))
+    result = SimpleNamespace(
+        boxes=type("Boxes", (), {"__len__": lambda self: 3, "cls": classes, "id": ids})(),
+        masks=SimpleNamespace(data=data),
+        orig_shape=(clip.height, clip.width),
+    )
+    instances = results_to_instances(result, ["person", "human"])
+    assert [(i.concept, i.instance_id) for i in instances] == [("human", 3), ("person", 8)]
+    restored = instances[0].mask
+    assert restored.shape == mask.shape
+    iou = (restored & mask).sum() / (restored | mask).sum()
+    assert iou > 0.9, iou
+    empty = SimpleNamespace(boxes=None, masks=None, orig_shape=(4, 4))
+    assert results_to_instances(empty, ["person"]) == []
