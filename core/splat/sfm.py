@@ -422,13 +422,18 @@ def _extract_features(
     max_image_side: int,
     max_features: int,
     camera_groups: list[list[str]] | None = None,
+    mask_dir: Path | None = None,
 ) -> None:
     """SIFT features into the database, in chunks so a long extraction reports progress;
     later chunks reuse the first chunk's camera when all images share one. With
-    `camera_groups` (image names, one list per source video) each group shares one camera."""
+    `camera_groups` (image names, one list per source video) each group shares one camera.
+    With `mask_dir`, COLMAP reads ``mask_dir/<image name>.png`` for each image and keeps no
+    feature where that mask is 0."""
     pycolmap, total = run.pycolmap, run.total
     reader = pycolmap.ImageReaderOptions()
     reader.camera_model = camera_model
+    if mask_dir is not None:
+        reader.mask_path = str(mask_dir)
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.num_threads = run.threads
     extraction.max_image_size = max_image_side
@@ -739,6 +744,7 @@ def run_sfm(
     seed: int = 0,
     stage: str = "running_colmap",
     verbose: bool = False,
+    mask_dir: Path | None = None,
 ) -> SfmResult:
     """SIFT features -> matching -> incremental mapping on the images in ``image_dir``.
 
@@ -765,6 +771,9 @@ def run_sfm(
     * ``orient``: "none" keeps COLMAP's arbitrary world; "z_up" / "y_up" rotate the
       estimated up (see `orientation`) onto +Z / +Y and move the camera centroid to the
       origin, recorded in ``result.applied_transform`` (new_from_colmap, 3x4).
+    * ``mask_dir``: a folder with ``<image name>.png`` per image (e.g. ``frame_000001.png.png``;
+      COLMAP's feature masks): no features are extracted where its pixels are 0, so a moving
+      subject cannot drive the solve. None: features everywhere.
     """
     import pycolmap
 
@@ -803,6 +812,7 @@ def run_sfm(
                 max_image_side=max_image_side,
                 max_features=max_features,
                 camera_groups=camera_groups,
+                mask_dir=mask_dir,
             )
         _require_features(run)
         with _timed(timings, "match"):
