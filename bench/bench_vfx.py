@@ -11,8 +11,11 @@ with a random-weight checkpoint of Depth Anything V2 Small's architecture: the t
 real model's, the maps are not) when `core.stages.video_depth` is present; matte (guided
 filter) and cleanplate on a synthetic subject mask (a moving ellipse: no roto model offline;
 timing only); the camera solve at each SIFT quality (`low` / `medium` / `high` = 2048 / 8192 /
-16384 features, sequential matching, one camera) on every `--colmap-stride`-th frame, with the
-registered frames. One line per stage: seconds, frames, frames per second.
+16384 features, sequential matching, one camera) on every `--colmap-stride`-th frame of the
+plate, or (`--colmap-source orbit`) on a rendered orbit shot with a known camera
+(tests/orbit_scene.py at the plate's size: a tripod plate has no parallax to solve), with the
+registered frames and, on the orbit shot, the camera-centre error after a similarity
+alignment. One line per stage: seconds, frames, frames per second.
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ def main() -> None:
     parser.add_argument("--colmap-stride", type=int, default=4)
     parser.add_argument("--qualities", nargs="+", default=["low", "medium", "high"])
     parser.add_argument("--skip-depth", action="store_true")
+    parser.add_argument("--skip-stages", action="store_true", help="only the camera solves")
+    parser.add_argument("--colmap-source", choices=["plate", "orbit"], default="orbit")
+    parser.add_argument("--orbit-frames", type=int, default=48)
     args = parser.parse_args()
     if not args.plate.is_file():
         sys.exit(f"{args.plate}: no such plate (real footage lives in ../shared/media)")
@@ -97,11 +103,10 @@ def main() -> None:
     frames = load_frames(project, ingested)
     numbers = [f.number for f in ingested.frames]
 
-    if not args.skip_depth:
+    if not (args.skip_depth or args.skip_stages):
         try:
-            from core.stages.video_depth import consistent_depth
-
             from core.encode import depth_to_png16
+            from core.stages.video_depth import consistent_depth
         except ImportError:
             emit({"bench": "vfx", "stage": "depth", "skipped": "core.stages.video_depth absent"})
         else:
@@ -126,7 +131,15 @@ def main() -> None:
                 )
             timed("depth", len(depth.depths), started, weights="random (real architecture)")
 
-    masks = ellipse_masks(len(frames), ingested.height, ingested.width)
+    if not args.skip_stages:
+        other_stages(frames, numbers, ingested.height, ingested.width, project)
+    solves(args, frames, work)
+
+
+def other_stages(
+    frames: list[np.ndarray], numbers: list[int], height: int, width: int, project: Project
+) -> None:
+    masks = ellipse_masks(len(frames), height, width)
     started = time.perf_counter()
     result = matte_frames(
         frames, masks, project.folder("matte", empty=True), numbers, method="guided_filter"
@@ -143,7 +156,22 @@ def main() -> None:
         masks="synthetic ellipse",
     )
 
-    subset = frames[:: args.colmap_stride]
+
+def solves(args: argparse.Namespace, frames: list[np.ndarray], work: Path) -> None:
+    truth: np.ndarray | None = None
+    path_length = 0.0
+    if args.colmap_source == "orbit":
+        from tests.orbit_scene import orbit_clip
+
+        height, width = frames[0].shape[:2]
+        started = time.perf_counter()
+        shot = orbit_clip(args.orbit_frames, width=width, height=height, focal=0.8 * width,
+                          follow=True, with_background=False)  # fmt: skip
+        emit({"bench": "vfx", "step": "render_orbit", "frames": len(shot.frames),
+              "seconds": round(time.perf_counter() - started, 2)})  # fmt: skip
+        subset, masks, truth, path_length = shot.frames, shot.masks, shot.centres, shot.path_length
+    else:
+        subset, masks = frames[:: args.colmap_stride], None
     try:
         from core.stages.camera import QUALITY_FEATURES, solve_camera
     except ImportError:
@@ -156,16 +184,31 @@ def main() -> None:
         try:
             with tempfile.TemporaryDirectory(dir=work) as solve_dir:
                 solve = solve_camera(
-                    subset, None, Path(solve_dir), quality=quality, matching="sequential"
+                    subset, masks, Path(solve_dir), quality=quality, matching="sequential"
                 )
             registered = sum(p.registered for p in solve.poses)
+            accuracy: dict[str, float] = {}
+            if truth is not None:
+                from tests.splat_scene import umeyama
+
+                kept = [(p.frame, p.camera_to_world) for p in solve.poses if p.registered]
+                centres = np.array([m[:3, 3] for _, m in kept if m is not None])
+                known = truth[[f for f, m in kept if m is not None]]
+                scale, rot, shift = umeyama(centres, known)
+                aligned = (scale * (rot @ centres.T)).T + shift
+                rms = float(np.sqrt(((aligned - known) ** 2).sum(axis=1).mean()))
+                accuracy = {"centre_rms_share_of_path": round(rms / path_length, 5)}
             timed(
                 "colmap", len(subset), started, quality=quality,
                 max_features=QUALITY_FEATURES[quality], registered=registered,
                 median_reprojection_error=round(float(solve.median_reprojection_error()), 3),
+                source=args.colmap_source, **accuracy,
             )  # fmt: skip
         except SfmFailed as exc:
-            timed("colmap", len(subset), started, quality=quality, failed=exc.message[:200])
+            timed(
+                "colmap", len(subset), started, quality=quality, source=args.colmap_source,
+                failed=exc.message[:200],
+            )  # fmt: skip
 
 
 if __name__ == "__main__":
