@@ -12,6 +12,10 @@ Inside a built image, through any wrapper command (scripts/build_images.sh does 
     python bench/bench_startup.py --label infer-image --runs 3 -- buildah run CONTAINER -- \
         python -u handlers/infer.py --test_input '{"input": {"task": "health"}}'
 
+A VFX job as the first job (models preloaded, start to the job's result in `total_s`):
+
+    python bench/bench_startup.py --preload depth-estimation --job @vfx_job.json
+
 `spawn_to_ready_s` is measured from here (so it includes the interpreter's and the libraries'
 imports, and the wrapper's own start); `reported_ready_s` is what the worker logs itself.
 """
@@ -81,12 +85,18 @@ def run_once(
     return result
 
 
-def local_command_and_env(preload: str) -> tuple[list[str], dict[str, str], Path]:
+def local_command_and_env(
+    preload: str, job: str = HEALTH_JOB
+) -> tuple[list[str], dict[str, str], Path]:
     sys.path.insert(0, str(REPO))
     from scripts.make_test_weights import make_yolo_checkpoints
 
     weights = Path(tempfile.mkdtemp(prefix="bench-startup-weights-"))
     make_yolo_checkpoints(weights)
+    if "depth-estimation" in preload:
+        from scripts.make_test_weights_depth import make_depth_checkpoint
+
+        make_depth_checkpoint(weights)
     env = dict(os.environ)
     env.update(
         WEIGHTS_DIR=str(weights),
@@ -95,8 +105,9 @@ def local_command_and_env(preload: str) -> tuple[list[str], dict[str, str], Path
         PRELOAD_MODELS=preload,
         PYTHONUNBUFFERED="1",
         YOLO_CONFIG_DIR=str(weights / "ultralytics-config"),
+        OUTPUT_DIR=str(weights / "outputs"),  # where a VFX job keeps its project
     )
-    command = [sys.executable, "-u", "handlers/infer.py", "--test_input", HEALTH_JOB]
+    command = [sys.executable, "-u", "handlers/infer.py", "--test_input", job]
     return command, env, weights
 
 
@@ -113,6 +124,9 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     parser.add_argument("--log", type=Path, help="write the (last) run's whole output here")
+    parser.add_argument(
+        "--job", default=HEALTH_JOB, help="the local run's first job: JSON, or @file holding it"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to time")
     args = parser.parse_args()
 
@@ -120,7 +134,8 @@ def main() -> None:
     if command:
         env = dict(os.environ)
     else:
-        command, env, _weights = local_command_and_env(args.preload)
+        job = Path(args.job[1:]).read_text() if args.job.startswith("@") else args.job
+        command, env, _weights = local_command_and_env(args.preload, job)
 
     results = []
     for run in range(1, args.runs + 1):

@@ -67,7 +67,10 @@ def _run(run: JobRun, adapter: RequestAdapter | None) -> dict[str, Any]:
         options=options,
         annotate=bool(request.annotate or getattr(options, "annotate", False)),
     )
-    _attach_media(task, request, task_request, ctx, bucket)
+    # An app's own job (run_task) may run on what it kept from earlier jobs: media optional.
+    _attach_media(
+        task, request, task_request, ctx, bucket, required=not (adapter and adapter.run_task)
+    )
 
     if adapter and adapter.run_task:
         output = adapter.run_task(app_input, task_request, ctx)
@@ -90,6 +93,8 @@ def _attach_media(
     task_request: TaskRequest,
     ctx: JobContext,
     bucket: BucketTarget | None,
+    *,
+    required: bool = True,
 ) -> None:
     given = {
         name: getattr(request, name) for name in MEDIA_FIELDS if getattr(request, name) is not None
@@ -99,6 +104,8 @@ def _attach_media(
     if len(given) > 1:
         raise InvalidInput(f"send only one of {', '.join(MEDIA_FIELDS)} (got {', '.join(given)})")
     if not given:
+        if not required:
+            return
         wanted = " or ".join(f"`{m}`" for m in sorted(task.media))
         if "image" in task.media:
             wanted += " (or `images`, or `media`)"

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from core.apps import gameview, orbit, splatt, studio
+from core.apps import gameview, orbit, splatt, studio, vfx
 from core.apps.base import App, Worker
 from core.progress import ProgressSink
 
 # Checked in order; each recognises a shape the others do not send.
-APPS: tuple[App, ...] = (studio.APP, orbit.APP, splatt.APP, gameview.APP)
+APPS: tuple[App, ...] = (studio.APP, orbit.APP, splatt.APP, gameview.APP, vfx.APP)
 
 log = logging.getLogger("worker.apps")
 
