@@ -113,7 +113,10 @@ class StagedProgress:
         self.report(stage, 0.0, message, force=True)
 
     def callback_for(self, stage: str) -> Callable[[float, str], None]:
-        return lambda fraction, message="": self.report(stage, fraction, message)
+        def callback(fraction: float, message: str = "") -> None:
+            self.report(stage, fraction, message)
+
+        return callback
 
     def reporter_for(self, stage: str) -> ProgressReporter:
         return _SpanReporter(self, stage)

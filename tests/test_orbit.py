@@ -103,6 +103,8 @@ def test_orbit_request_shapes_become_one_clip_source() -> None:
     assert native["video"] == "https://example.com/a.mp4"
     with pytest.raises(InvalidInput, match="one way"):
         to_native({"frames": ["AAAA"], "video_id": "vid_1", "prompt_points": clicks})
+    with pytest.raises(InvalidInput, match="got none"):
+        to_native({"frames": None, "prompt_points": clicks})
     with pytest.raises(ValueError, match="video_id"):
         to_native({"video_id": "../../etc/passwd", "prompt_points": clicks})
     with pytest.raises(InvalidInput, match=r"prompt_points\.0"):

@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import requests
 
-from core.apps.vfx import parse_multipart
-from core.errors import InvalidInput
 from tests.serve_helpers import API_KEY, local_server
 from tests.splat_scene import encode_mp4
 from tests.test_vfx_job import keep_masks
@@ -144,16 +142,3 @@ def test_refusals(vfx_server: Any) -> None:
     failed = post(project_name="Empty_Project", stages="colmap").json()
     body, _ = wait_done(base, failed["job_id"])
     assert body["status"] == "failed" and "no ingested frames" in body["error"]
-
-
-def test_multipart_parser_with_the_standard_library() -> None:
-    body = (
-        b'--XyZ\r\nContent-Disposition: form-data; name="project_name"\r\n\r\nShot_1\r\n'
-        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.mov"\r\n'
-        b"Content-Type: application/octet-stream\r\n\r\n\x00\x01\r\n\xff\r\n--XyZ--\r\n"
-    )
-    fields = parse_multipart("multipart/form-data; boundary=XyZ", body)
-    assert fields["project_name"] == (None, b"Shot_1")
-    assert fields["file"] == ("a.mov", b"\x00\x01\r\n\xff")
-    with pytest.raises(InvalidInput):
-        parse_multipart("application/json", b"{}")

@@ -142,7 +142,11 @@ def recognises(job_input: dict[str, Any]) -> bool:
 
 def to_native(job_input: dict[str, Any]) -> dict[str, Any]:
     submit = OrbitSubmit.model_validate(job_input)  # a ValidationError names the field
-    sources = [name for name in ("frames", "video", "video_id", "video_url") if name in job_input]
+    sources = [
+        name
+        for name in ("frames", "video", "video_id", "video_url")
+        if job_input.get(name) is not None
+    ]
     if len(sources) != 1:
         raise InvalidInput(
             "send the clip one way: frames (base64 images), video_id (from /upload_video), "

@@ -26,13 +26,11 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from email import policy
-from email.parser import BytesParser
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 
@@ -700,31 +698,9 @@ def job_status(job: JobView) -> str:
     return "failed"
 
 
-def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
-    """multipart/form-data -> {field: (file name or None, bytes)}, with the standard library's
-    MIME parser (python-multipart is not a dependency)."""
-    if not content_type.lower().startswith("multipart/form-data"):
-        raise InvalidInput(
-            "the body must be multipart/form-data with `file`, `project_name`, `stages`"
-        )
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
-    message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart():
-        raise InvalidInput("the multipart body has no parts (check the boundary)")
-    fields: dict[str, tuple[str | None, bytes]] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not isinstance(name, str):
-            continue
-        payload = part.get_payload(decode=True)
-        fields[name] = (part.get_filename(), payload if isinstance(payload, bytes) else b"")
-    return fields
-
-
-def _text(fields: dict[str, tuple[str | None, bytes]], name: str) -> str | None:
-    if name not in fields:
-        return None
-    return fields[name][1].decode("utf-8", errors="replace").strip()
+def _text(fields: dict[str, str | None], name: str) -> str | None:
+    value = fields.get(name)
+    return value.strip() if isinstance(value, str) else None
 
 
 def routes(gateway: JobGateway) -> APIRouter:
@@ -759,45 +735,46 @@ def routes(gateway: JobGateway) -> APIRouter:
         return {"status": "ok"}
 
     @keyed.post("/api/process")
-    async def process(request: Request) -> dict[str, Any]:
+    async def process(
+        request: Request,
+        file: UploadFile | None = File(default=None),  # noqa: B008 (FastAPI's idiom)
+        project_name: str | None = Form(default=None),
+        stages: str | None = Form(default=None),
+        options: str | None = Form(default=None),
+    ) -> dict[str, Any]:
+        # python-multipart spools the upload to a temporary file as it arrives.
         limit = get_settings().max_input_bytes
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise refused(413, f"the upload is over {limit} bytes (MAX_INPUT_BYTES)")
-        try:
-            fields = parse_multipart(request.headers.get("content-type", ""), bytes(body))
-        except InvalidInput as exc:
-            raise refused(400, exc.message) from None
+        if file is not None and (file.size or 0) > limit:
+            raise refused(413, f"the upload is over {limit} bytes (MAX_INPUT_BYTES)")
+        plate = await file.read() if file is not None else None
+        fields = {"project_name": project_name, "stages": stages, "options": options}
         query = request.query_params
         name = _text(fields, "project_name") or query.get("project_name") or DEFAULT_PROJECT
         stages_text = _text(fields, "stages") or query.get("stages") or ",".join(DEFAULT_STAGES)
         options_text = _text(fields, "options") or query.get("options")
         try:
-            options = json.loads(options_text) if options_text else {}
+            stage_options = json.loads(options_text) if options_text else {}
             submit = VfxSubmit.model_validate(
-                {"project_name": name, "stages": stages_text, "options": options}
+                {"project_name": name, "stages": stages_text, "options": stage_options}
             )
             to_native(submit.model_dump(exclude_none=True))
         except ValidationError as exc:
             raise refused(422, describe_validation_error(exc)) from None
         except (ValueError, InvalidInput) as exc:
             raise refused(422, getattr(exc, "message", str(exc))) from None
-        upload = fields.get("file")
-        if upload is None and "ingest" in submit.stages:
+        if plate is None and "ingest" in submit.stages:
             raise refused(422, "file: the plate (a video) is required for the ingest stage")
         project = open_project(submit.project_name)
         try:
-            if upload is not None:
-                media_type = sniff_media_type(upload[1])
+            if plate is not None:
+                media_type = sniff_media_type(plate)
                 if media_type not in VIDEO_TYPES:
                     raise refused(415, f"file: not a video ({media_type or 'unknown type'})")
                 suffix = mimetypes.guess_extension(media_type or "") or ".mp4"
                 for kept in project.list_files("source"):  # one plate: the new one
                     if kept.path.startswith(f"{PLATE_STEM}."):
                         project.remove(kept.path)
-                project.save(f"{PLATE_STEM}{suffix}", upload[1])
+                project.save(f"{PLATE_STEM}{suffix}", plate)
         finally:
             project.close()
         job_id = gateway.submit(submit.model_dump(exclude_none=True))
