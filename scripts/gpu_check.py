@@ -38,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-CHECKS = ("sift_gpu", "gsplat_training", "yolo_fp16", "sam2_fp16", "sam3_fp16")
+CHECKS = ("sift_gpu", "gsplat_training", "yolo_fp16", "sam2_fp16", "sam3_fp16", "orbit_job")
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -331,6 +331,46 @@ def check_sam3_fp16(infer: Infer, args: argparse.Namespace) -> dict[str, Any]:
     return _infer_record(result, stats, _detections(result) is not None)
 
 
+def check_orbit_job(infer: Infer, args: argparse.Namespace) -> dict[str, Any]:
+    """Orbit's five stages on CUDA: SAM 2 in fp16, Depth Anything, GPU SIFT when pycolmap has
+    it, on a rendered 16-frame clip with its true camera path (the solve's error is reported;
+    SAM 2's random weights make random masks, so the mode is whatever the gates say)."""
+    problem = cuda_problem()
+    if problem:
+        return {"status": "skipped", "reason": problem}
+    import base64
+
+    import numpy as np
+
+    from scripts.make_test_weights_depth import make_depth_checkpoint
+    from scripts.make_test_weights_sam2 import make_sam2_checkpoint
+    from tests.orbit_scene import orbit_clip
+    from tests.splat_scene import encode_mp4
+
+    make_sam2_checkpoint(infer.weights, "sam2.1_hiera_tiny.pt")
+    if not (infer.weights / "depth-anything-v2-small").exists():
+        make_depth_checkpoint(infer.weights)
+    os.environ["ORBIT_SAM2_MODEL"] = "sam2.1_hiera_tiny.pt"
+    clip = orbit_clip(16, width=320, height=240, arc_deg=60.0, with_background=False)
+    video = encode_mp4(clip.frames, infer.weights / "orbit.mp4", fps=12.0, crf=10)
+    centre = np.argwhere(clip.masks[0]).mean(axis=0)
+    result, stats = infer.job(
+        {
+            "video": base64.b64encode(video.read_bytes()).decode(),
+            "target_fps": 12,
+            "prompt_points": [{"x": float(centre[1]), "y": float(centre[0])}],
+        }
+    )
+    record = _infer_record(result, stats, result.get("frame_count") == 16)
+    if record["status"] == "ok":
+        timings = result.get("timings_ms", {})
+        record["stages_ms"] = {k: timings.get(k) for k in ("segmentation", "pose-estimation",
+                               "depth-estimation", "tracking")}  # fmt: skip
+        record["mode"] = result.get("mode")
+        record["registered"] = result["quality"]["pose"].get("registered")
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps, each device")
@@ -371,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                         "yolo_fp16": check_yolo_fp16,
                         "sam2_fp16": check_sam2_fp16,
                         "sam3_fp16": check_sam3_fp16,
+                        "orbit_job": check_orbit_job,
                     }[name]
                     record = check(infer, args)
             except Exception as exc:  # one broken path must not hide the others' results

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The first GPU run in one command: every CUDA path of both workers (gsplat training against
-# the CPU path, GPU SIFT, YOLO / SAM 2 / SAM 3 in fp16 on random weights), one JSON line per
+# the CPU path, GPU SIFT, YOLO / SAM 2 / SAM 3 in fp16 on random weights, Orbit's five-stage
+# job), one JSON line per
 # check, in under 8 minutes on one GPU. On a machine without a GPU every check says `skipped`
 # and why, and the script exits 0. See scripts/gpu_check.py for the checks and their options.
 #

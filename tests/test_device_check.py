@@ -64,7 +64,14 @@ def test_gpu_check_says_what_it_skipped_without_a_gpu(tmp_path) -> None:
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     assert lines[0]["check"] == "environment" and lines[0]["cuda_available"] is False
     checks = {line["check"]: line for line in lines[1:-1]}
-    assert set(checks) == {"sift_gpu", "gsplat_training", "yolo_fp16", "sam2_fp16", "sam3_fp16"}
+    assert set(checks) == {
+        "sift_gpu",
+        "gsplat_training",
+        "yolo_fp16",
+        "sam2_fp16",
+        "sam3_fp16",
+        "orbit_job",
+    }
     for line in checks.values():
         assert line["status"] == "skipped" and "no usable CUDA GPU" in line["reason"]
     assert lines[-1] == {**lines[-1], "check": "summary", "status": "ok", "failed": 0}

@@ -16,6 +16,7 @@ import requests
 
 from core.apps.orbit import BOUNDS, STAGES, decide, to_native
 from core.errors import InvalidInput
+from tests.serve_helpers import wait_until
 
 # --------------------------------------------------------------------------------------------
 # Gates and modes (PRD B and E)
@@ -293,7 +294,8 @@ def test_orbit_client_end_to_end(orbit_server: Any, clip_mp4: tuple[Path, Any]) 
     cancelled = requests.post(f"{base}/cancel_job", params={"job_id": second}, timeout=10)
     assert cancelled.json() == {"cancelled": True, "job_id": second}
     started = time.monotonic()
-    client.wait_idle(timeout=15)
+    endpoint = orbit_server.endpoint()  # RunPod's health: Orbit's own /health has no workers
+    wait_until(lambda: endpoint.health()["workers"]["running"] == 0, timeout=15, every=0.1)
     freed_in = time.monotonic() - started
     assert freed_in < 10, freed_in
     listed = requests.get(f"{base}/list_jobs", timeout=10).json()["jobs"]

@@ -142,7 +142,12 @@ def test_reused_project_runs_later_stages_without_video(
     )
 
 
-def test_a_failing_stage_stops_the_job(vfx: Any, tmp_path: Path) -> None:
+def test_a_failing_stage_stops_the_job(
+    vfx: Any, inprocess: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An operator without sam3.pt (the session's weights may hold a random-weight one).
+    monkeypatch.setenv("WEIGHTS_DIR", str(tmp_path / "no-weights"))
+    inprocess.reset()
     frames = [np.full((64, 96, 3), 40 + 10 * i, np.uint8) for i in range(6)]
     video = video_b64(frames, tmp_path / "c.mp4", 24)
     result = vfx({"project_name": "Shot_C", "stages": ["ingest", "roto", "matte"], "video": video})
