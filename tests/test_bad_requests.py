@@ -238,6 +238,65 @@ def corpus(tmp: Path) -> list[tuple[str, Any, str, str]]:
             "port",
         ),
         ("url with a space", detect("http://example.com/a cat.jpg"), "invalid_input", "whitespace"),
+        # Upload ids (the local server's upload routes) and the apps' own request shapes.
+        (
+            "upload id that is a path",
+            detect("upload://../serve-jobs.sqlite3"),
+            "invalid_input",
+            "upload id",
+        ),
+        (
+            "upload id never uploaded",
+            detect("upload://vid_000000000000"),
+            "invalid_input",
+            "no upload",
+        ),
+        (
+            "orbit video_id that is a path",
+            {"video_id": "../../etc/passwd", "prompt_points": [{"x": 5, "y": 5}]},
+            "invalid_input",
+            "video_id",
+        ),
+        (
+            "orbit clip sent two ways",
+            {
+                "frames": [GOOD_IMAGE] * 3,
+                "video_url": "https://example.com/a.mp4",
+                "prompt_points": [{"x": 5, "y": 5}],
+            },
+            "invalid_input",
+            "one way",
+        ),
+        (
+            "orbit without a clip",
+            {"frames": None, "prompt_points": [{"x": 5, "y": 5}]},
+            "invalid_input",
+            "got none",
+        ),
+        (
+            "orbit clip of two frames",
+            {"frames": [GOOD_IMAGE] * 2, "prompt_points": [{"x": 5, "y": 5}]},
+            "invalid_input",
+            "at least 3",
+        ),
+        (
+            "orbit click outside the frames",
+            {"frames": [GOOD_IMAGE] * 3, "prompt_points": [{"x": 999, "y": 5}]},
+            "invalid_input",
+            "outside",
+        ),
+        (
+            "vfx project name that is a path",
+            {"project_name": "../x", "stages": ["ingest"]},
+            "invalid_input",
+            "project_name",
+        ),
+        (
+            "vfx unknown stage",
+            {"project_name": "Shot", "stages": ["ingest", "paint"]},
+            "invalid_input",
+            "paint",
+        ),
     ]
 
 
