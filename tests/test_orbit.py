@@ -137,8 +137,9 @@ def clip_mp4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     from tests.orbit_scene import orbit_clip
     from tests.splat_scene import encode_mp4
 
-    # 16 frames: the track gate keeps tracks that live 15 frames or more (PRD B3).
-    clip = orbit_clip(16, width=320, height=240, fps=12.0, with_background=False)
+    # Short (SAM 2 costs seconds a frame on a CPU): the known-scene test below has the tracks
+    # that live the 15 frames the track gate asks for.
+    clip = orbit_clip(10, width=320, height=240, fps=12.0, with_background=False)
     path = tmp_path_factory.mktemp("orbit") / "creator.mp4"
     return encode_mp4(clip.frames, path, fps=12.0, crf=12), clip
 
@@ -243,7 +244,7 @@ def test_orbit_client_end_to_end(orbit_server: Any, clip_mp4: tuple[Path, Any]) 
     assert set(result["quality"]) >= {"mask", "pose", "track", "depth", "gate_results"}
     assets = result["assets"]
     frame_count = result["frame_count"]
-    assert frame_count == 16
+    assert frame_count == 10
     assert len(assets["masks"]) == len(assets["depth"]) == frame_count
 
     def fetch(url: str) -> bytes:
