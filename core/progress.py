@@ -119,19 +119,21 @@ class StagedProgress:
         return callback
 
     def reporter_for(self, stage: str) -> ProgressReporter:
-        return _SpanReporter(self, stage)
+        return CallbackReporter(self.callback_for(stage))
 
 
-class _SpanReporter(ProgressReporter):
-    """A `ProgressReporter` whose updates (0-100 of whatever the caller calls its stage) land
-    in one stage's span of a `StagedProgress`."""
+class CallbackReporter(ProgressReporter):
+    """A `ProgressReporter` for code that reports 0-100 under its own stage names (SAM 2's
+    `propagating`, `run_sfm`'s steps): each update goes to `callback(fraction, message)`
+    at once, unthrottled, and what the callback raises propagates (unlike a sink's errors),
+    so a callback may stop the work (raise `Cancelled`)."""
 
-    def __init__(self, staged: StagedProgress, stage: str) -> None:
-        super().__init__(staged.reporter.job, sink=lambda job, update: None)
-        self.staged, self.stage = staged, stage
+    def __init__(self, callback: Callable[[float, str], None]) -> None:
+        super().__init__({}, sink=lambda job, update: None, min_interval_s=0.0)
+        self.callback = callback
 
     def update(
         self, stage: str, progress: float, message: str = "", *, force: bool = False, **extra: Any
     ) -> bool:
-        self.staged.report(self.stage, progress / 100.0, message, force=force)
+        self.callback(max(0.0, min(1.0, progress / 100.0)), message)
         return True

@@ -401,7 +401,9 @@ def test_orbit_job_on_a_known_scene(inprocess: Any, weights_dir: Path, monkeypat
         clip.centres,
     )
     assert errors["centre_rms"] < 0.03 * clip.path_length, errors
-    assert poses["camera"]["fx"] == pytest.approx(clip.k[0, 0], rel=0.05)
+    # On a 24-frame arc, focal trades against SIMPLE_RADIAL's distortion (seen 0.5-6 % off,
+    # threads make COLMAP nondeterministic); a wrong scale into the clip's pixels is 2x off.
+    assert poses["camera"]["fx"] == pytest.approx(clip.k[0, 0], rel=0.1)
     bounds = result["bounds"]
     assert bounds["maxTranslationSceneUnits"] == pytest.approx(
         (bounds["maxTranslation"] / 0.10) * 0.02 * bounds["medianSceneDepth"], rel=1e-3

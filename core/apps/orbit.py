@@ -691,13 +691,14 @@ def result_body(job: JobView, asset_url: Callable[[str], str] | None = None) -> 
         return body
     result = {"job_id": job.id, **job.output, "status": "completed"}
     if asset_url is not None:  # local files: served by this server's `get_asset`
-        records = job.output.get("artifacts", {})
+        local = {
+            record.get("path"): name
+            for name, record in job.output.get("artifacts", {}).items()
+            if record.get("storage") == "local"
+        }
 
         def locate(value: str) -> str:
-            for name, record in records.items():
-                if record.get("storage") == "local" and value == record.get("path"):
-                    return asset_url(name)
-            return value
+            return asset_url(local[value]) if value in local else value
 
         assets = {}
         for key, value in job.output.get("assets", {}).items():

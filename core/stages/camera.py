@@ -28,7 +28,7 @@ import numpy as np
 
 from core.control import cancel_requested
 from core.errors import Cancelled, InvalidInput
-from core.progress import ProgressReporter
+from core.progress import CallbackReporter
 from core.splat.sfm import Mapper, Matching, SfmResult, run_sfm
 
 __all__ = [
@@ -102,23 +102,17 @@ class CameraSolve:
         return float(np.median(errors)) if errors else float("nan")
 
 
-class _StageProgress(ProgressReporter):
-    """run_sfm reports through a ProgressReporter; this one maps its 0-100 into the stage's
-    callback and stops the solve on cancel. The base class swallows a sink's exceptions
-    (progress must never fail a job), so the check is here, before any sink."""
+def _sfm_progress(callback: Progress | None, span: tuple[float, float]) -> CallbackReporter:
+    """run_sfm reports 0-100 through a ProgressReporter: mapped into the stage's span, and the
+    solve stops there on cancel (CallbackReporter lets the callback's Cancelled through)."""
+    low, high = span
 
-    def __init__(self, callback: Progress | None, span: tuple[float, float]) -> None:
-        super().__init__({}, sink=lambda _job, _update: None, min_interval_s=0.0)
-        self.callback, self.span = callback, span
-
-    def update(
-        self, stage: str, progress: float, message: str = "", *, force: bool = False, **extra: Any
-    ) -> bool:
+    def forward(fraction: float, message: str) -> None:
         _stop_if_cancelled()
-        if self.callback is not None:
-            low, high = self.span
-            self.callback(low + (high - low) * min(1.0, max(0.0, progress / 100.0)), message)
-        return True
+        if callback is not None:
+            callback(low + (high - low) * fraction, message)
+
+    return CallbackReporter(forward)
 
 
 def _stop_if_cancelled() -> None:
@@ -335,7 +329,7 @@ def solve_camera(
         image_dir,
         work_dir / "colmap",
         matching=matching,
-        progress=_StageProgress(progress, _SFM_SPAN),
+        progress=_sfm_progress(progress, _SFM_SPAN),
         max_image_side=max_image_side or max(width, height),
         max_features=max_features or QUALITY_FEATURES[quality],
         mapper=mapper,
